@@ -1,0 +1,33 @@
+# Two commands: `make demo` runs the built-in demo, `make test` runs the test suite.
+# Each creates .venv when missing and installs ember with its extras under constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+export DS_BUILD_OPS = 0
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM ?= true
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "== installing ember into $(VENV) (constraints.txt, DS_BUILD_OPS=0)"
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@echo "== ember demo: the main job on the built-in default (stdlib corpus, tiny model)"
+	$(VENV)/bin/ember demo
+
+test: $(STAMP)
+	@echo "== ember tests (pytest; slow and distributed tests included)"
+	$(VENV)/bin/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

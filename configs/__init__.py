@@ -1,0 +1,1 @@
+"""YAML presets shipped with ember: models, data recipes, pretrain recipes, DeepSpeed templates."""

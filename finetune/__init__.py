@@ -1,0 +1,1 @@
+"""Fine-tuning and transfer on downstream tasks, reusing the pretraining engine."""

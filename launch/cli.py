@@ -1,0 +1,62 @@
+"""The `ember` command line. Each command group lives in its own module with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import ember
+from ember.errors import UserError
+from ember.logs import setup_logging
+
+NOT_BUILT = {
+    "finetune": "fine-tune a checkpoint on a downstream task",
+    "launch": "start a run on torchrun, SLURM or Kubernetes",
+    "scaling": "fit scaling laws across runs",
+    "report": "summarise runs",
+}
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field by its dotted path, e.g. --set train.lr=3e-4 (repeatable; values are read as YAML)",
+    )
+
+
+def _not_built(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise UserError(f"`ember {name}` is not built yet", "see the open issues")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ember.launch import config_cmd, data_cmd, demo_cmd, estimate_cmd, pretrain_cmd
+
+    parser = argparse.ArgumentParser(prog="ember", description="Distributed pretraining pipeline for transformer language models.")
+    parser.add_argument("--version", action="version", version=f"ember {ember.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (config_cmd, data_cmd, pretrain_cmd, estimate_cmd, demo_cmd):
+        module.register(sub)
+    for name, summary in NOT_BUILT.items():
+        p = sub.add_parser(name, help=f"{summary} (not built yet)", description=f"{summary}. Not built yet: exits 2.")
+        p.add_argument("args", nargs=argparse.REMAINDER, help="ignored until the command is built")
+        p.set_defaults(func=_not_built(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(e.line(), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

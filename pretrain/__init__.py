@@ -1,0 +1,1 @@
+"""Pretraining engine: model building, parallel backends, the training loop, checkpoints, metrics."""

@@ -1,0 +1,1 @@
+"""Parallel backends behind one interface: single, ddp, fsdp, deepspeed."""
