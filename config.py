@@ -93,7 +93,7 @@ def record_origins(data: Any, label: str, origins: dict[str, str], prefix: str =
             record_origins(v, label, origins, f"{prefix}.{k}" if prefix else str(k))
 
 
-def load_with_extends(path: Path, kind: str, origins: dict[str, str], seen: tuple = ()) -> dict:
+def load_with_extends(path: Path, kind: str, origins: dict[str, str], schema: type[BaseModel] | None = None, seen: tuple = ()) -> dict:
     """Read a file and the chain of files it `extends:`, base first."""
     path = path.resolve()
     if path in seen:
@@ -105,9 +105,27 @@ def load_with_extends(path: Path, kind: str, origins: dict[str, str], seen: tupl
         return data
     if not isinstance(parent, str):
         raise UserError("`extends:` must name one preset or file", str(path))
-    base = load_with_extends(find_preset(parent, kind, path.parent), kind, origins, (*seen, path))
+    base = load_with_extends(find_preset(parent, kind, path.parent), kind, origins, schema, (*seen, path))
+    if schema is not None:
+        expand_presets_under(base, data, schema)
     record_origins(data, str(path), origins)
     return deep_merge(base, data)
+
+
+def expand_presets_under(base: dict, top: dict, schema: type[BaseModel]) -> None:
+    """Where `top` refines a section that `base` names by preset, load the preset so the two merge.
+
+    A preset name in `top` still replaces the base section whole.
+    """
+    for key, value in top.items():
+        if not isinstance(value, dict):
+            continue
+        kind = _preset_kind(schema, key)
+        if kind and isinstance(base.get(key), str):
+            base[key] = load_with_extends(find_preset(base[key], kind), kind, {}, _section_class(schema, key))
+        sub = _section_class(schema, key)
+        if sub is not None and isinstance(base.get(key), dict):
+            expand_presets_under(base[key], value, sub)
 
 
 # ---------------------------------------------------------------- schema walking
@@ -142,7 +160,7 @@ def resolve_presets(data: dict, schema: type[BaseModel], origins: dict[str, str]
         dotted = f"{prefix}{name}"
         if kind and isinstance(value, str):
             path = find_preset(value, kind)
-            data[name] = load_with_extends(path, kind, {}, ())
+            data[name] = load_with_extends(path, kind, {}, _section_class(schema, name))
             record_origins(data[name], f"preset {value}", origins, dotted)
         sub = _section_class(schema, name)
         if sub is not None and isinstance(data[name], dict):
@@ -155,8 +173,10 @@ def check_key_path(schema: type[BaseModel], dotted: str, where: str) -> None:
     cls: Any = schema
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+        if cls is Any or typing.get_origin(cls) is dict:
             return  # inside a free-form mapping (e.g. a DeepSpeed dict): anything goes
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            raise UserError(f"unknown config key '{dotted}'", where)
         if part not in cls.model_fields:
             raise UserError(unknown_key_message(".".join(parts[: i + 1]), part, cls), where)
         cls = _unwrap(cls.model_fields[part].annotation)
@@ -195,7 +215,7 @@ def apply_override(data: dict, schema: type[BaseModel], key: str, value: Any, or
         kind = _preset_kind(cls, part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         child = node.get(part)
         if kind and isinstance(child, str):  # overriding inside a preset: load it first
-            child = load_with_extends(find_preset(child, kind), kind, {}, ())
+            child = load_with_extends(find_preset(child, kind), kind, {}, _unwrap(cls.model_fields[part].annotation))
             record_origins(child, f"preset {node[part]}", origins, part)
         if child is None:
             child = {}
@@ -218,7 +238,7 @@ _TYPE_WORDS = {
 
 def describe_error(err: dict, schema: type[BaseModel]) -> str:
     """One readable sentence for a pydantic error dict."""
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
+    loc = [str(p) for p in err["loc"]]
     dotted = ".".join(loc)
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
@@ -240,7 +260,11 @@ def describe_error(err: dict, schema: type[BaseModel]) -> str:
         if kind.startswith(word + "_") or kind == word + "_type":
             if kind.endswith(("_type", "_parsing", "_from_float", "_type_error")):
                 return f"{dotted}: expected {phrase}, got {value!r}"
-    if kind.startswith(("greater_than", "less_than", "too_short", "too_long", "multiple_of")):
+    if kind in ("too_short", "too_long"):
+        ctx = err.get("ctx", {})
+        bound = f"at least {ctx.get('min_length')}" if kind == "too_short" else f"at most {ctx.get('max_length')}"
+        return f"{dotted}: needs {bound} item(s), got {ctx.get('actual_length')}"
+    if kind.startswith(("greater_than", "less_than", "multiple_of")):
         return f"{dotted}: {value!r} " + err["msg"].replace("Input should", "must").replace("Input", "it")
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -273,7 +297,7 @@ def load_config(path: str | Path, schema: type[S], overrides: list[str] = (), ki
     """
     path = Path(path)
     origins: dict[str, str] = {}
-    data = load_with_extends(find_preset(str(path), kind) if not path.suffix else path, kind, origins)
+    data = load_with_extends(find_preset(str(path), kind) if not path.suffix else path, kind, origins, schema)
     data = resolve_presets(data, schema, origins)
     for text in overrides:
         key, value = parse_override(text)

@@ -1,0 +1,40 @@
+"""A wheel built from the repository carries every subpackage and the presets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("ember-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ember/configs/pretrain/tiny.yaml" in names and "ember/configs/models/llama-5m.yaml" in names
+    assert not any(n.startswith(("ember/tests/", "ember/.venv", "ember/bench/")) for n in names)
+
+    # A fresh venv; the heavy dependencies are this interpreter's (the import check is about ember's own layout).
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    site = subprocess.check_output([str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    deps = subprocess.check_output([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    code = (
+        "import sys; sys.path.append(sys.argv[1])\n"
+        "import ember, ember.data, ember.pretrain, ember.finetune, ember.launch, ember.run_config\n"
+        "from importlib.resources import files\n"
+        "assert ember.__file__.startswith(sys.argv[2]), ember.__file__\n"
+        "assert files('ember.configs').joinpath('pretrain/tiny.yaml').is_file()\n"
+        "print('ok', ember.__version__)\n"
+    )
+    out = subprocess.run([str(venv / "bin/python"), "-c", code, deps, site], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
