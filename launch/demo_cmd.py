@@ -1,26 +1,81 @@
-"""`ember demo`: the main job on the built-in default, stage by stage, saying what is not built yet."""
+"""`ember demo`: the main job on the built-in default, run stage by stage through the real CLI.
+
+Stdlib corpus -> tokenizer + token shards -> tiny Llama pretrained by 2 CPU processes with
+FSDP -> Hugging Face export -> a generated sample. Each stage is the command a user would
+type, printed before it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
-log = logging.getLogger("ember.demo")
+from ember.errors import UserError
+
+NOT_BUILT_MARK = "is not built yet"
+
+
+def run_stage(title: str, cmd: list[str]) -> bool:
+    """Run one stage; False when the command reports that it is not built yet."""
+    print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 2 and NOT_BUILT_MARK in proc.stderr:
+        print(f"   not built yet: {proc.stderr.strip()}")
+        return False
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise UserError(f"demo stage '{title}' failed with exit code {proc.returncode}", shlex.join(cmd))
+    return True
+
+
+def print_sample(hf_dir: Path, prompt: str, max_new_tokens: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"\n== sample from the exported model ({hf_dir})", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8, top_k=50,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ember.config import load_config, to_yaml
-    from ember.run_config import RunConfig
+    root = Path(args.run_dir)
+    data_dir, run_dir = root / "data" / "stdlib", root / "tiny"
+    ember = [sys.executable, "-m", "ember"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(args.master_port)]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    cfg = load_config("configs/pretrain/tiny.yaml", RunConfig, [f"run_dir={args.run_dir}"])
-    print("== resolved config of the tiny preset (configs/pretrain/tiny.yaml)")
-    print(to_yaml(cfg), end="")
-    print("== data preparation: not built yet")
-    print("== pretraining: not built yet")
+    built = run_stage("prepare the built-in corpus (Python standard library source)",
+                      [*ember, "data", "prepare", "configs/data/stdlib.yaml", "--set", f"output_dir={data_dir}", "--overwrite"])
+    if built:
+        run_stage("inspect it", [*ember, "data", "inspect", str(data_dir), "--samples", "1"])
+    built = built and run_stage(
+        f"pretrain the tiny preset: {args.nproc} CPU processes, FSDP2",
+        [*torchrun, "-m", "ember", "pretrain", "configs/pretrain/tiny.yaml", "--set", "train.backend=fsdp",
+         "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: {data_dir}}}]", *sum((["--set", s] for s in args.overrides), [])],
+    )
+    if built:
+        print_sample(run_dir / "hf", args.prompt, args.max_new_tokens)
+    print(f"\n== demo done: data in {data_dir}, run in {run_dir}" if built else "\n== demo done (stages marked 'not built yet' were skipped)")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run the built-in demo: prepare the stdlib corpus, pretrain the tiny model, export, sample")
-    p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its data and run")
+    from ember.launch.cli import add_set_option
+
+    p = sub.add_parser("demo", help="run the built-in demo: prepare the stdlib corpus, pretrain the tiny model with FSDP, export, sample")
+    p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its dataset and its run")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
+    p.add_argument("--master-port", type=int, default=29517, help="torchrun rendezvous port on localhost")
+    p.add_argument("--prompt", default="def ", help="text the exported model continues")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="length of the generated sample")
+    add_set_option(p)
     p.set_defaults(func=run)
