@@ -1,13 +1,44 @@
-"""`ember pretrain`: pretrain a model. Not built yet."""
+"""`ember pretrain CONFIG` (alone or under torchrun) and `ember export CHECKPOINT --to hf OUT`."""
 
 from __future__ import annotations
 
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import _not_built
+def run_pretrain(args: argparse.Namespace) -> int:
+    from ember.config import load_config
+    from ember.pretrain.run import pretrain
+    from ember.run_config import RunConfig
 
-    p = sub.add_parser("pretrain", help="pretrain a model (not built yet)")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="ignored until the command is built")
-    p.set_defaults(func=_not_built("pretrain"))
+    cfg = load_config(args.config, RunConfig, args.overrides, kind="pretrain")
+    summary = pretrain(cfg)
+    return 0 if summary["finished"] or cfg.train.stop_after_steps else 1
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ember.pretrain.export import export_checkpoint
+
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    print(f"exported {args.checkpoint} to {out} (Hugging Face format)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ember.launch.cli import add_set_option
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain a model (alone, or under torchrun --nproc_per_node N -m ember pretrain ...)",
+        description="Pretrain a model from a run config. Resumes from the newest checkpoint in run_dir. "
+                    "Fault injection for tests: EMBER_POISON_STEP=K (or K1,K2 or K1-K2) makes those steps' loss NaN.",
+    )
+    p.add_argument("config", help="run config YAML, or a preset name from configs/pretrain/ (e.g. tiny)")
+    add_set_option(p)
+    p.set_defaults(func=run_pretrain)
+
+    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model directory")
+    p.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), or a run directory (its newest checkpoint)")
+    p.add_argument("--to", choices=["hf"], default="hf", help="export format (hf: config.json + model.safetensors + tokenizer)")
+    p.add_argument("out", help="output directory (replaced if it exists)")
+    p.set_defaults(func=run_export)

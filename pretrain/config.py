@@ -44,7 +44,7 @@ class TrainConfig(Section):
     backend: Literal["single", "ddp", "fsdp", "deepspeed"] = Field("single", description="parallel backend")
     zero_stage: Literal[1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage (backend=deepspeed)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence")
-    global_batch_size: int | None = Field(None, gt=0, description="sequences per optimiser step over all ranks (or give global_batch_tokens)")
+    global_batch_size: int | None = Field(None, gt=0, description="sequences per optimiser step over all ranks (or give global_batch_tokens; neither: micro_batch_size x world size)")
     global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimiser step over all ranks; must be a multiple of seq_len")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward/backward; accumulation makes up the rest")
     max_steps: int = Field(100, gt=0, description="optimiser steps to train")
@@ -71,6 +71,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints to keep")
     max_nonfinite_steps: int = Field(5, gt=0, description="stop after this many consecutive steps with a non-finite loss or gradient")
+    stop_after_steps: int | None = Field(None, gt=0, description="end this process after this step (checkpoint saved, schedule unchanged); rerun to resume")
+    resume: bool = Field(True, description="continue from the newest valid checkpoint in run_dir/checkpoints when there is one")
+    export_hf: bool = Field(True, description="write a Hugging Face model directory to run_dir/hf at the end of the run")
 
     @model_validator(mode="after")
     def _batch(self):
@@ -78,7 +81,17 @@ class TrainConfig(Section):
             raise ValueError("give global_batch_size or global_batch_tokens, not both")
         if self.global_batch_tokens and self.global_batch_tokens % self.seq_len:
             raise ValueError(f"global_batch_tokens {self.global_batch_tokens} is not a multiple of seq_len {self.seq_len}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
         return self
+
+    def global_batch_sequences(self, world_size: int) -> int:
+        """Sequences per optimiser step over all ranks (default: one micro-batch per rank)."""
+        if self.global_batch_size:
+            return self.global_batch_size
+        if self.global_batch_tokens:
+            return self.global_batch_tokens // self.seq_len
+        return self.micro_batch_size * world_size
 
 
 class TrackingConfig(Section):

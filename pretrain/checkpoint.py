@@ -1,0 +1,172 @@
+"""Checkpoints: backend payload + trainer_state.json + per-rank RNG states, written atomically.
+
+Layout of `run_dir/checkpoints/`:
+    step_00000010/            backend payload (DCP shards or DeepSpeed's files), written by every rank
+        trainer_state.json    loop counters, loader state, config hash; written last, marks completeness
+        rng/rank{R}.pt        RNG states of rank R (tensors, ints and tuples only: loaded with weights_only)
+        config.yaml           the resolved run config (what `ember export` builds the model from)
+        tokenizer/            the dataset's tokenizer files, so the checkpoint exports on its own
+    latest                    text file: name of the newest checkpoint
+A checkpoint is written as `step_XXXXXXXX.tmp` and renamed when complete, so a killed run
+never leaves a half-written directory under a valid name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ember.errors import UserError
+
+log = logging.getLogger("ember.pretrain.checkpoint")
+
+NAME = re.compile(r"^step_(\d{8})$")
+STATE_FILE = "trainer_state.json"
+# Fields that may change between a run and its resumption without changing the training itself.
+RESUMABLE_CHANGES = {"run_dir", "tracking", "launch", "finetune"}
+TRAIN_RESUMABLE_CHANGES = {"backend", "zero_stage", "micro_batch_size", "eval_every", "eval_batches", "log_every",
+                           "checkpoint_every", "keep_last", "stop_after_steps", "resume", "export_hf", "cpu_offload",
+                           "activation_checkpointing", "ac_every", "compile", "deepspeed", "max_nonfinite_steps"}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def config_hash(cfg) -> str:
+    """Hash of the parts of the run config that define the training trajectory."""
+    data = cfg.model_dump(mode="json")
+    for key in RESUMABLE_CHANGES:
+        data.pop(key, None)
+    data["data"].pop("num_workers", None)
+    data["train"] = {k: v for k, v in data["train"].items() if k not in TRAIN_RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_trainer_state(ckpt_dir: Path) -> dict | None:
+    """The trainer state of a complete checkpoint, None when missing or unreadable."""
+    try:
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
+def find_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and read_trainer_state(p) is not None]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the newest one of a run directory or `checkpoints/` folder; UserError otherwise."""
+    path = Path(path)
+    if read_trainer_state(path) is not None:
+        return path
+    for root in (path / "checkpoints", path):
+        found = find_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UserError("no complete checkpoint (a step_XXXXXXXX directory with trainer_state.json) found", str(path))
+
+
+# ---------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- the manager
+
+
+class CheckpointManager:
+    """Saves and restores checkpoints of one run; every method is collective (all ranks call it)."""
+
+    def __init__(self, run_dir: Path, backend, *, keep_last: int, config_yaml: str, config_digest: str,
+                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None):
+        self.root = Path(run_dir) / "checkpoints"
+        self.backend, self.keep_last = backend, keep_last
+        self.config_yaml, self.config_digest = config_yaml, config_digest
+        self.tokenizer_dir, self.token_ids = tokenizer_dir, token_ids or {}
+
+    def newest(self) -> Path | None:
+        found = find_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def save(self, state, loader) -> Path:
+        """Write checkpoint `step_{state.step}`; returns its directory."""
+        rank, final = self.backend.rank, self.root / checkpoint_name(state.step)
+        tmp = final.with_name(final.name + ".tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+            (tmp / "rng").mkdir(parents=True)
+        self.backend.barrier()
+        self.backend.save(tmp)
+        torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
+        self.backend.barrier()
+        if rank == 0:
+            self._finish(tmp, final, state, loader.state_dict())
+        self.backend.barrier()
+        log.info("saved checkpoint %s", final)
+        return final
+
+    def _finish(self, tmp: Path, final: Path, state, loader_state: dict) -> None:
+        (tmp / "config.yaml").write_text(self.config_yaml)
+        if self.tokenizer_dir is not None:
+            shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
+        trainer_state = {**state.to_dict(), "loader": loader_state, "world_size": self.backend.world_size,
+                         "config_hash": self.config_digest, "token_ids": self.token_ids}
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        pointer = self.root / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        pointer.replace(self.root / "latest")
+        for old in find_checkpoints(self.root)[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, ckpt_dir: Path) -> dict:
+        """Restore model, optimizer and this rank's RNG states; returns the trainer state."""
+        trainer_state = read_trainer_state(ckpt_dir)
+        if trainer_state is None:
+            raise UserError("not a complete checkpoint (no readable trainer_state.json)", str(ckpt_dir))
+        if trainer_state.get("config_hash") != self.config_digest:
+            log.warning("the config differs from the one %s was saved with; continuing with the new one", ckpt_dir)
+        self.backend.load(ckpt_dir)
+        rng_file = Path(ckpt_dir) / "rng" / f"rank{self.backend.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:  # resuming on more ranks than were saved
+            log.warning("no RNG state for rank %d in %s; keeping the seeded one", self.backend.rank, ckpt_dir)
+        log.info("resumed from %s (step %d)", ckpt_dir, trainer_state["step"])
+        return trainer_state

@@ -1,0 +1,91 @@
+"""Hugging Face export: a model directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+Written as `OUT.tmp` and renamed, so a failed export never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ember.config import read_yaml, validate
+from ember.errors import UserError
+from ember.pretrain.config import ModelConfig
+
+log = logging.getLogger("ember.pretrain.export")
+
+
+def tied_aliases(model_cfg: ModelConfig) -> set[str]:
+    """State-dict names that alias another parameter (a tied output head): safetensors stores each tensor once."""
+    from ember.pretrain.model import build_meta_model
+
+    model = build_meta_model(model_cfg)
+    unique = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return set(model.state_dict()) - unique
+
+
+def special_token_ids(tokenizer_dir: Path | None) -> dict[str, int]:
+    """bos/eos/pad ids for config.json and generation_config.json, read from the tokenizer."""
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        return {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eos = tok.eos_token_id
+    ids = {"eos_token_id": eos, "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else eos,
+           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def write_hf_export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path, *,
+                    tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None) -> Path:
+    """config.json, generation_config.json, model.safetensors and the tokenizer files in `out_dir`.
+
+    `token_ids` (bos/eos/pad ids, e.g. from the dataset manifest) default to the tokenizer's.
+    """
+    from transformers import GenerationConfig
+
+    from ember.pretrain.model import hf_config
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = hf_config(model_cfg)
+    for key, value in (token_ids or special_token_ids(tokenizer_dir)).items():
+        setattr(config, key, value)
+    config.save_pretrained(tmp)
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    skip = tied_aliases(model_cfg)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items() if k not in skip}
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log.info("exported a Hugging Face model to %s", out_dir)
+    return out_dir
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
+    """Offline export of a saved checkpoint (one process, no process group)."""
+    from ember.pretrain.backends import load_full_weights
+    from ember.pretrain.checkpoint import read_trainer_state, resolve_checkpoint
+    from ember.run_config import RunConfig
+
+    ckpt = resolve_checkpoint(Path(ckpt))
+    config_file = ckpt / "config.yaml"
+    if not config_file.is_file():
+        raise UserError("checkpoint has no config.yaml", str(ckpt))
+    cfg = validate(read_yaml(config_file), RunConfig, default_where=str(config_file))
+    tokenizer_dir = ckpt / "tokenizer"
+    token_ids = read_trainer_state(ckpt).get("token_ids")
+    return write_hf_export(load_full_weights(ckpt), cfg.model, out_dir,
+                           tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, token_ids=token_ids)

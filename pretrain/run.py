@@ -1,0 +1,151 @@
+"""`pretrain(cfg)`: a whole pretraining run, from the resolved config to the HF export.
+
+setup (run dir, config.yaml, logs, seed, data, backend) -> resume -> loop -> export -> summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ember.config import to_yaml
+from ember.errors import UserError
+from ember.logs import add_log_file
+from ember.pretrain import distributed
+from ember.pretrain.checkpoint import CheckpointManager, config_hash
+from ember.pretrain.config import TrainConfig
+from ember.pretrain.loop import LoopState, train
+from ember.pretrain.metrics import Metrics
+from ember.pretrain.optim import build_optimizer
+from ember.pretrain.step import evaluate
+
+log = logging.getLogger("ember.pretrain.run")
+
+
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per rank per step; the global batch must split exactly over ranks and micro-batches."""
+    global_batch = cfg.global_batch_sequences(world_size)
+    per_step = world_size * cfg.micro_batch_size
+    if global_batch % per_step:
+        field = "train.global_batch_tokens" if cfg.global_batch_tokens else "train.global_batch_size"
+        raise UserError(f"the global batch of {global_batch} sequences does not split into {world_size} rank(s) x "
+                        f"train.micro_batch_size {cfg.micro_batch_size}", f"{field}, train.micro_batch_size")
+    return global_batch // per_step
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg, rank: int) -> list[Path]:
+    """Dataset directories of the mixture: rank 0 prepares what is missing while the others wait."""
+    from ember.data.prepare import ensure_prepared
+
+    dirs = [ensure_prepared(entry) for entry in cfg.data.datasets] if rank == 0 else None
+    distributed.barrier()
+    return dirs or [ensure_prepared(entry) for entry in cfg.data.datasets]
+
+
+def check_vocab(cfg, manifests) -> None:
+    largest = max(m.vocab_size for m in manifests)
+    if cfg.model.vocab_size < largest:
+        raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the dataset vocabulary ({largest} tokens)",
+                        "model.vocab_size")
+
+
+def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metrics:
+    from ember.pretrain.accounting import flops_per_token
+    from ember.pretrain.peak import device_peak_flops
+
+    dtype = backend.autocast_dtype or torch.float32
+    return Metrics(cfg.run_dir, rank=backend.rank, world_size=backend.world_size, device=backend.device,
+                   max_steps=cfg.train.max_steps, tokens_per_step=tokens_per_step,
+                   flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+                   peak_flops=device_peak_flops(backend.device, dtype), resume_step=resume_step)
+
+
+def pretrain(cfg) -> dict:
+    """Train `cfg` (a RunConfig) to `train.max_steps` (resuming when run_dir holds checkpoints); returns the summary."""
+    from ember.data.loader import build_loader
+    from ember.data.manifest import read_manifest
+    from ember.pretrain.backends import build_backend
+
+    started = time.time()
+    env = distributed.init_distributed()
+    t = cfg.train
+    num_micro = accumulation_steps(t, env.world_size)
+    global_batch = t.global_batch_sequences(env.world_size)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    add_log_file(run_dir)
+    config_yaml = to_yaml(cfg)
+    if env.rank == 0:
+        write_atomically(run_dir / "config.yaml", config_yaml)
+    seed_everything(cfg.seed)
+
+    dataset_dirs = prepare_data(cfg, env.rank)
+    manifests = [read_manifest(d) for d in dataset_dirs]
+    check_vocab(cfg, manifests)
+    weights = [entry.weight for entry in cfg.data.datasets]
+
+    backend = build_backend(cfg, lambda model: build_optimizer(model, t))
+    token_ids = {"eos_token_id": manifests[0].eos_id, "bos_token_id": manifests[0].eos_id,
+                 "pad_token_id": manifests[0].pad_id if manifests[0].pad_id is not None else manifests[0].eos_id}
+    checkpoints = CheckpointManager(run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml,
+                                    config_digest=config_hash(cfg), tokenizer_dir=manifests[0].tokenizer_dir, token_ids=token_ids)
+    loader = build_loader(dataset_dirs, weights, split="train", seq_len=t.seq_len, global_batch_size=global_batch,
+                          rank=backend.rank, world_size=backend.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    state = LoopState()
+    newest = checkpoints.newest() if t.resume else None
+    if newest is not None:
+        saved = checkpoints.load(newest)
+        loader.load_state_dict(saved["loader"])
+        state = LoopState(**{k: saved[k] for k in LoopState().to_dict()})
+    start_step = state.step
+
+    def run_eval() -> float:
+        val = build_loader(dataset_dirs, weights, split="val", seq_len=t.seq_len, global_batch_size=t.micro_batch_size * backend.world_size,
+                           rank=backend.rank, world_size=backend.world_size, seed=cfg.seed, num_workers=0)
+        return evaluate(backend, val, t.eval_batches)
+
+    metrics = build_metrics(cfg, backend, global_batch * t.seq_len, resume_step=start_step)
+    log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
+             cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)
+    train_started = time.time()
+    state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
+                  checkpoints=checkpoints, metrics=metrics)
+    train_seconds = time.time() - train_started
+
+    finished = state.step >= t.max_steps
+    hf_dir = None
+    if finished and t.export_hf:
+        from ember.pretrain.export import write_hf_export
+
+        full = backend.full_state_dict()  # collective
+        if backend.rank == 0:
+            hf_dir = write_hf_export(full, cfg.model, run_dir / "hf", tokenizer_dir=manifests[0].tokenizer_dir, token_ids=token_ids)
+        backend.barrier()
+    summary = {"step": state.step, "finished": finished, "steps_this_run": state.step - start_step, "resumed_from": start_step,
+               "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "train_seconds": train_seconds,
+               "wall_seconds": time.time() - started, "hf_dir": str(hf_dir or run_dir / "hf") if finished and t.export_hf else None,
+               "run_dir": str(run_dir)}
+    metrics.log_summary(summary)
+    log.info("%s at step %d/%d: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s",
+             "finished" if finished else "stopped", state.step, t.max_steps, state.tokens_seen, state.skipped_steps,
+             train_seconds, run_dir)
+    backend.close()
+    return summary
