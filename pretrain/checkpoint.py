@@ -117,6 +117,9 @@ class CheckpointManager:
         self.backend, self.keep_last = backend, keep_last
         self.config_yaml, self.config_digest = config_yaml, config_digest
         self.tokenizer_dir, self.token_ids = tokenizer_dir, token_ids or {}
+        if backend.rank == 0 and self.root.is_dir():  # left by a run killed while saving: never valid
+            for stale in self.root.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def newest(self) -> Path | None:
         found = find_checkpoints(self.root)

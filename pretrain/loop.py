@@ -60,10 +60,6 @@ def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_si
             state.consecutive_nonfinite += 1
             log.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row, %d in all)", step,
                         result.loss, result.grad_norm, state.consecutive_nonfinite, state.skipped_steps)
-            if state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
-                raise NonFiniteStop(f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm; "
-                                    "training stopped (lower train.lr, raise train.grad_clip, or check the data)",
-                                    f"step {step}, train.max_nonfinite_steps={cfg.max_nonfinite_steps}")
         state.step = step
         state.tokens_seen += batch.tokens[:, :-1].numel() * backend.world_size  # every rank holds an equal slice
         for source, num in batch.source_tokens.items():
@@ -71,6 +67,10 @@ def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_si
         metrics.record_step(time.perf_counter() - started)
         if step % cfg.log_every == 0 or step == last_step:
             metrics.log_train(step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, state=state, loader=loader)
+        if state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+            raise NonFiniteStop(f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm; "
+                                "training stopped (lower train.lr, raise train.grad_clip, or check the data)",
+                                f"step {step}, train.max_nonfinite_steps={cfg.max_nonfinite_steps}")
         if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             metrics.log_eval(step, evaluate())
         if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
