@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ember.pretrain.peak import mfu as model_flops_utilisation
+
 log = logging.getLogger("ember.pretrain.metrics")
 
 
@@ -51,7 +53,7 @@ class Metrics:
     """Collects step timings and writes train, eval and summary records (only rank 0 writes)."""
 
     def __init__(self, run_dir: Path, *, rank: int, world_size: int, device: torch.device, max_steps: int,
-                 tokens_per_step: int, flops_per_token: float, peak_flops: float, resume_step: int = 0):
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float | None, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rank, self.world_size, self.device = rank, world_size, device
         self.max_steps, self.tokens_per_step = max_steps, tokens_per_step
@@ -75,7 +77,7 @@ class Metrics:
         self.interval_time, self.interval_steps = 0.0, 0
         tokens_per_s = self.tokens_per_step * steps / seconds
         per_device = tokens_per_s / self.world_size
-        mfu = per_device * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mfu = model_flops_utilisation(per_device, self.flops_per_token, self.peak_flops)  # None without a known peak
         record = {
             "kind": "train", "step": step, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device, "mfu": mfu,
