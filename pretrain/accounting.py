@@ -135,3 +135,125 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
     else:
         attn_dim = model_cfg.hidden_size
     return 6.0 * matmul_params_per_token(model_cfg) + 12.0 * num_layers * attn_dim * seq_len
+
+
+# ---------------------------------------------------------------- memory per rank
+#
+# Model state, bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
+#   fp32:                       weights 4, grads 4, AdamW exp_avg + exp_avg_sq 8.
+#   bf16 with DeepSpeed:        bf16 weights 2, bf16 grads 2, fp32 master + AdamW 12 (the ZeRO paper's K = 12).
+#   bf16 with single/ddp/fsdp:  the parameters stay fp32 (they are the master copy) and compute runs on bf16 copies
+#                               (autocast casts, or FSDP2's gathered bf16 params), so 4 + 4 + 8 plus those copies.
+# Sharding divides: fsdp and ZeRO-3 everything; ZeRO-2 optimizer and grads; ZeRO-1 the optimizer.
+#
+# Activations saved for backward, per layer and token (fused sdpa attention keeps no seq x seq scores; no dropout),
+# after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4.1)
+# adapted to pre-norm SwiGLU blocks; in elements of the compute dtype:
+#   attention: RMSNorm input, normalised, scaled 3h; q h; k and v 2 * kv_dim; attention output h -> 5h + 2 kv_dim
+#   SwiGLU MLP: RMSNorm 3h; gate F, up F, silu(gate) F, product F                            -> 3h + 4F
+#   (gpt_neox: LayerNorms 2 * 3h, qkv 3h, attention output h, MLP 2F -> 10h + 2F;
+#    mixtral: the MLP's F terms times experts_per_token)
+# plus the head: final norm 3h and the logits (compute dtype) with their fp32 log-softmax, V * (e + 4) bytes.
+# With activation checkpointing a checkpointed block keeps only its input (h elements per token), and one block's
+# full activations exist again while it is recomputed in backward.
+
+BACKENDS = ("single", "ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """'fp32' or 'bf16': 'auto' means bf16 on GPUs, fp32 on CPU (bf16 is ~25x slower on CPUs)."""
+    if precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return precision
+
+
+def backend_name(train_cfg) -> str:
+    """'single', 'ddp', 'fsdp' or 'zero1'/'zero2'/'zero3' for DeepSpeed."""
+    return f"zero{train_cfg.zero_stage}" if train_cfg.backend == "deepspeed" else train_cfg.backend
+
+
+def _state_bytes_per_param(backend: str, precision: str) -> tuple[int, int, int]:
+    """(weights, grads, optimizer) bytes per parameter before sharding."""
+    if precision == "bf16" and backend.startswith("zero"):
+        return 2, 2, 12
+    return 4, 4, 8
+
+
+def _shard_degrees(backend: str, world_size: int) -> tuple[int, int, int]:
+    """How many ranks share (weights, grads, optimizer states)."""
+    n = world_size
+    return {"single": (1, 1, 1), "ddp": (1, 1, 1), "fsdp": (n, n, n),
+            "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n)}[backend]
+
+
+def _largest_unit_params(model_cfg: ModelConfig) -> int:
+    """Parameters of the largest FSDP / ZeRO-3 gather unit: one decoder block, or the root (embeddings, head, norm)."""
+    counts = count_params(model_cfg)
+    block = (counts["non_embedding"] - model_cfg.hidden_size) // model_cfg.num_layers
+    return max(block, counts["embedding"] + model_cfg.hidden_size)
+
+
+def _activation_elements_per_token(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(elements one block saves per token, elements a checkpointed block saves per token)."""
+    h = model_cfg.hidden_size
+    if model_cfg.arch == "gpt_neox":
+        return 10 * h + 2 * model_cfg.ffn_hidden_size, h
+    kv_dim = (model_cfg.num_kv_heads or model_cfg.num_heads) * (h // model_cfg.num_heads)
+    experts_per_token = hf_config(model_cfg).num_experts_per_tok if model_cfg.arch == "mixtral" else 1
+    return 8 * h + 2 * kv_dim + 4 * model_cfg.ffn_hidden_size * experts_per_token, h
+
+
+def activation_bytes(model_cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str,
+                     checkpointing: bool, ac_every: int = 1) -> int:
+    """Activations one rank holds at the peak of backward for one micro-batch (formula above)."""
+    elem = 4 if precision == "fp32" else 2
+    tokens = micro_batch * seq_len
+    full, kept = _activation_elements_per_token(model_cfg)
+    num_layers = model_cfg.num_layers
+    num_checkpointed = math.ceil(num_layers / ac_every) if checkpointing else 0
+    per_token = (num_layers - num_checkpointed) * full * elem + num_checkpointed * kept * elem
+    if num_checkpointed:
+        per_token += full * elem  # the block being recomputed
+    head = 3 * model_cfg.hidden_size * elem + model_cfg.vocab_size * (elem + 4)
+    return tokens * (per_token + head)
+
+
+def memory_per_rank(cfg, world_size: int, *, on_gpu: bool = True, backend: str | None = None) -> dict[str, int]:
+    """Bytes one rank holds for `cfg` (a RunConfig) on `world_size` ranks, by category.
+
+    `backend` ('single', 'ddp', 'fsdp', 'zero1', 'zero2', 'zero3') defaults to the config's. Keys: weights, grads,
+    optimizer (on the device), gathered (transient full-size copies: FSDP/ZeRO-3 gathered units, autocast casts),
+    offloaded (host memory with cpu_offload), activations_full, activations_checkpointed, activations (as the
+    config sets activation checkpointing), total (device).
+    """
+    train, model_cfg = cfg.train, cfg.model
+    backend = backend or backend_name(train)
+    world_size = 1 if backend == "single" else world_size
+    precision = resolve_precision(train.precision, on_gpu)
+    num_params = count_params(model_cfg)["total"]
+    per_param = _state_bytes_per_param(backend, precision)
+    degrees = _shard_degrees(backend, world_size)
+    weights, grads, optimizer = (math.ceil(num_params * b / d) for b, d in zip(per_param, degrees))
+    compute_elem = 2 if precision == "bf16" else 4
+    if backend in ("fsdp", "zero3") and world_size > 1:
+        # Two units gathered at once (the current one and the prefetched next), plus one unit's unsharded grads.
+        unit = _largest_unit_params(model_cfg)
+        gathered = 2 * unit * compute_elem + unit * per_param[1]
+    elif precision == "bf16" and backend in ("single", "ddp"):
+        gathered = num_params * 2  # autocast's bf16 copies of the weights, saved for backward
+    else:
+        gathered = 0
+    offloaded = 0
+    if train.cpu_offload:
+        moved = {"fsdp": ("weights", "grads", "optimizer"), "zero3": ("weights", "optimizer")}.get(backend, ("optimizer",))
+        state = {"weights": weights, "grads": grads, "optimizer": optimizer}
+        offloaded = sum(state[k] for k in moved)
+        weights, grads, optimizer = (0 if k in moved else state[k] for k in ("weights", "grads", "optimizer"))
+    act = {ac: activation_bytes(model_cfg, train.micro_batch_size, train.seq_len, precision, ac, train.ac_every)
+           for ac in (False, True)}
+    activations = act[train.activation_checkpointing]
+    return {
+        "weights": weights, "grads": grads, "optimizer": optimizer, "gathered": gathered, "offloaded": offloaded,
+        "activations_full": act[False], "activations_checkpointed": act[True], "activations": activations,
+        "total": weights + grads + optimizer + gathered + activations,
+    }
