@@ -1,8 +1,9 @@
 """The global sample order: a pure function of (seed, global sample index, sources' sizes).
 
-Global samples are cut into blocks of `block_size`. Every block holds each source a fixed
-number of times (the weights rounded by largest remainder), in a seeded random order, so
-proportions hold to within one sample per block from the first step. The j-th sample
+Global samples are cut into blocks of `block_size`. The first n blocks hold source s
+exactly `cumulative_counts(n)[s]` times (w_s * n * block_size rounded by largest
+remainder), so at every block boundary each source is within one sample of its weight;
+inside a block the sources come in a seeded random order. The j-th sample
 drawn from source s is chunk `perm_{seed,s,epoch}[j mod num_chunks]` with
 epoch = j // num_chunks: each pass over a source visits every chunk once, in a new order.
 Nothing depends on rank, world size or worker count.
@@ -19,13 +20,12 @@ BASE_BLOCK = 1024
 _MIX_TAG, _PERM_TAG = 0x6D6978, 0x7065726D  # keep the two random streams apart
 
 
-def block_counts(weights: list[float], block_size: int) -> np.ndarray:
-    """Samples of each source per block: weights * block_size rounded by largest remainder (sums to block_size)."""
-    w = np.asarray(weights, dtype=np.float64)
-    exact = w / w.sum() * block_size
+def cumulative_counts(weights: np.ndarray, num_samples: int) -> np.ndarray:
+    """Samples of each source among the first `num_samples`: weights * num_samples rounded by largest remainder."""
+    exact = weights * num_samples
     counts = np.floor(exact).astype(np.int64)
     order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: block_size - counts.sum()]] += 1
+    counts[order[: num_samples - int(counts.sum())]] += 1
     return counts
 
 
@@ -41,19 +41,26 @@ class MixtureSchedule:
 
     def __init__(self, weights: list[float], num_chunks: list[int], seed: int):
         self.seed, self.num_chunks = int(seed), [int(n) for n in num_chunks]
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
         self.block_size = choose_block_size(weights)
-        self.counts = block_counts(weights, self.block_size)
         self._block = lru_cache(maxsize=8)(self._make_block)
         self._perm = lru_cache(maxsize=16)(self._make_perm)
 
+    def _before(self, block: int) -> np.ndarray:
+        """Samples of each source in blocks 0 .. block-1."""
+        return cumulative_counts(self.weights, block * self.block_size)
+
     def _make_block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source id, draw number within the block) for every position of one block."""
-        pattern = np.repeat(np.arange(len(self.counts)), self.counts)
+        """(source id, draw number j within that source) for every position of one block."""
+        before = self._before(block)
+        counts = self._before(block + 1) - before  # never negative: every weight * block_size >= 1
+        pattern = np.repeat(np.arange(len(counts)), counts)
         sources = np.random.default_rng([self.seed, _MIX_TAG, block]).permutation(pattern)
-        rank_in_source = np.empty(self.block_size, dtype=np.int64)
-        for s, n in enumerate(self.counts):
-            rank_in_source[sources == s] = np.arange(n)
-        return sources, rank_in_source
+        draw = np.empty(self.block_size, dtype=np.int64)
+        for s, n in enumerate(counts):
+            draw[sources == s] = before[s] + np.arange(n)
+        return sources, draw
 
     def _make_perm(self, source: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, _PERM_TAG, source, epoch]).permutation(self.num_chunks[source])
@@ -66,11 +73,9 @@ class MixtureSchedule:
         for block in np.unique(idx // self.block_size):
             sel = (idx // self.block_size) == block
             pos = idx[sel] % self.block_size
-            src, rank = self._block(int(block))
-            s = src[pos]
-            draw = block * self.counts[s] + rank[pos]  # j: how many earlier samples came from that source
-            sources[sel] = s
-            chunks[sel] = [self._chunk(int(a), int(b)) for a, b in zip(s, draw)]
+            src, draw = self._block(int(block))
+            sources[sel] = src[pos]
+            chunks[sel] = [self._chunk(int(a), int(b)) for a, b in zip(src[pos], draw[pos])]
         return sources, chunks
 
     def _chunk(self, source: int, draw: int) -> int:
@@ -80,7 +85,7 @@ class MixtureSchedule:
     def draws_by_source(self, num_samples: int) -> np.ndarray:
         """How many of the first `num_samples` global samples came from each source."""
         full, rest = divmod(int(num_samples), self.block_size)
-        drawn = self.counts * full
+        drawn = self._before(full)
         if rest:
-            drawn = drawn + np.bincount(self._block(full)[0][:rest], minlength=len(self.counts))
+            drawn = drawn + np.bincount(self._block(full)[0][:rest], minlength=len(self.weights))
         return drawn
