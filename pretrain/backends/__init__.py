@@ -1,1 +1,67 @@
-"""Parallel backends behind one interface: single, ddp, fsdp, deepspeed."""
+"""Parallel backends behind one interface: single, ddp, fsdp, deepspeed.
+
+`build_backend(cfg, make_optimizer)` joins the process group torchrun set up (if any), builds the model in
+the documented order (meta -> activation checkpointing -> compile -> shard/wrap -> materialise -> init with
+the single-process weights) and wraps model and optimizer. `load_full_weights(ckpt_dir)` reads any saved
+checkpoint back into full HF-named fp32 weights, offline, in one process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ember.errors import UserError
+from ember.pretrain.backends.base import Backend
+from ember.pretrain.distributed import init_distributed
+
+__all__ = ["Backend", "build_backend", "load_full_weights"]
+
+
+def build_backend(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> Backend:
+    """The backend named by `cfg.train.backend`, with model and optimizer ready to train."""
+    env = init_distributed()
+    name = cfg.train.backend
+    if name == "single":
+        if env.world_size > 1:
+            raise UserError(f"backend 'single' cannot run on {env.world_size} processes; pick ddp, fsdp or deepspeed",
+                            "train.backend")
+        from ember.pretrain.backends.single import build_single
+
+        return build_single(cfg, make_optimizer, env)
+    if name == "ddp":
+        from ember.pretrain.backends.ddp import build_ddp
+
+        return build_ddp(cfg, make_optimizer, env) if env.world_size > 1 else _single_for(name, cfg, make_optimizer, env)
+    if name == "fsdp":
+        from ember.pretrain.backends.fsdp import build_fsdp
+
+        return build_fsdp(cfg, make_optimizer, env)
+    if name == "deepspeed":
+        from ember.pretrain.backends.zero import build_deepspeed
+
+        return build_deepspeed(cfg, make_optimizer, env)
+    raise UserError(f"unknown backend {name!r}", "train.backend")
+
+
+def _single_for(name, cfg, make_optimizer, env) -> Backend:
+    # DDP on one process is a single process; checkpoints stay the same DCP format.
+    from ember.pretrain.backends.single import build_single
+
+    return build_single(cfg, make_optimizer, env)
+
+
+def load_full_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 HF-named weights of a checkpoint (DCP shards or ZeRO partitions); no process group needed."""
+    from ember.pretrain.backends.dcp_io import is_dcp_checkpoint, load_full_weights_dcp
+    from ember.pretrain.backends.zero import CHECKPOINT_TAG, load_full_weights_zero
+
+    ckpt_dir = Path(ckpt_dir)
+    if is_dcp_checkpoint(ckpt_dir):
+        return load_full_weights_dcp(ckpt_dir)
+    if (ckpt_dir / CHECKPOINT_TAG).is_dir():
+        return load_full_weights_zero(ckpt_dir)
+    raise UserError(f"{ckpt_dir} holds neither a torch.distributed.checkpoint nor a DeepSpeed checkpoint", str(ckpt_dir))

@@ -1,0 +1,73 @@
+"""The one interface the training loop uses, whatever shards the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.pretrain import distributed
+from ember.pretrain.distributed import DistEnv
+
+
+def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU (precision auto or bf16); fp32 on CPU unless bf16 is asked for explicitly."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Backend:
+    """Wraps model and optimizer; the loop calls forward via `model`, then backward/clip/step.
+
+    `model(input_ids=...)` returns an output with `.logits` (batch, seq, vocab). `optimizer.param_groups`
+    is where the loop writes the learning rate each step. `module` is the plain HF model inside any wrapper.
+    """
+
+    name = "base"
+
+    def __init__(self, env: DistEnv, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 autocast_dtype: torch.dtype | None):
+        self.env = env
+        self.rank, self.world_size, self.device = env.rank, env.world_size, env.device
+        self.model, self.module, self.optimizer = model, module, optimizer
+        self.autocast_dtype = autocast_dtype
+
+    # --- one optimizer step -------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        """`loss` is already divided by the accumulation steps; gradients sync only on the last micro batch."""
+        raise NotImplementedError
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """The global pre-clip gradient norm over all shards and ranks; clips to `max_norm` (0: only measure)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Optimizer update, then gradients cleared."""
+        raise NotImplementedError
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without touching weights or optimizer state (non-finite guard)."""
+        raise NotImplementedError
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full fp32 CPU weights with HF names on rank 0, None on the other ranks (collective)."""
+        raise NotImplementedError
+
+    # --- small collectives -----------------------------------------------------------------------------
+    def barrier(self) -> None:
+        distributed.barrier()
+
+    def all_reduce_mean(self, x: float) -> float:
+        return distributed.all_reduce_mean(x, self.device)
+
+    def close(self) -> None:
+        distributed.destroy()

@@ -1,0 +1,69 @@
+"""Model + optimizer checkpoints through torch.distributed.checkpoint (single, ddp, fsdp).
+
+Every rank writes its own shards; keys are HF parameter names (optimizer state keyed by them too), so a
+checkpoint written at one world size loads at any other, and into any of these three backends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ember.errors import UserError
+
+METADATA_FILE = ".metadata"
+
+
+def is_dcp_checkpoint(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / METADATA_FILE).is_file()
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
+    """Collective: each rank writes its shards of weights and optimizer state into `ckpt_dir`."""
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    dcp.save(_training_state(model, optimizer), checkpoint_id=str(ckpt_dir))
+
+
+def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
+    """Collective: read the shards this rank needs now (resharding as needed) into model and optimizer."""
+    if not is_dcp_checkpoint(ckpt_dir):
+        raise UserError(f"no torch.distributed.checkpoint metadata ({METADATA_FILE}) in {ckpt_dir}", str(ckpt_dir))
+    # Templates with this rank's current shapes; dcp.load fills them in place.
+    state = _training_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(ckpt_dir))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Collective: the full CPU weights on rank 0, None elsewhere."""
+    import torch.distributed as dist
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {name: t.detach().to(torch.float32).clone() for name, t in full.items()}
+
+
+def load_full_weights_dcp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Offline, one process, no process group: the full weights of a DCP checkpoint."""
+    state: dict = {}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt_dir)),
+             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return {name: t.to(torch.float32) for name, t in state["model"].items()}
