@@ -59,6 +59,8 @@ class Metrics:
         self.max_steps, self.tokens_per_step = max_steps, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.interval_time, self.interval_steps = 0.0, 0
+        self.last_train: dict = {}
+        self.last_eval: dict = {}
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             drop_records_after(self.path, resume_step) if resume_step else self.path.unlink(missing_ok=True)
@@ -86,6 +88,7 @@ class Metrics:
             "skipped_steps": state.skipped_steps, "tokens_by_source": dict(state.tokens_by_source), "time": time.time(),
         }
         self.write(record)
+        self.last_train = record
         log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %s tok/s (%s/dev) | mfu %s | %.3f s/step | mem %s",
                  step, self.max_steps, loss, lr, grad_norm, human(tokens_per_s), human(per_device),
                  f"{100 * mfu:.1f}%" if mfu is not None else "n/a", seconds / steps, human(record["peak_mem_bytes"]) + "B")
@@ -95,6 +98,7 @@ class Metrics:
         val_ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         record = {"kind": "eval", "step": step, "val_loss": finite_or_none(val_loss), "val_ppl": finite_or_none(val_ppl), "time": time.time()}
         self.write(record)
+        self.last_eval = record
         log.info("eval step %d | val loss %.4f | val ppl %.2f", step, val_loss, val_ppl)
         return record
 

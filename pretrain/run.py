@@ -140,12 +140,13 @@ def pretrain(cfg) -> dict:
             hf_dir = write_hf_export(full, cfg.model, run_dir / "hf", tokenizer_dir=manifests[0].tokenizer_dir, token_ids=token_ids)
         backend.barrier()
     summary = {"step": state.step, "finished": finished, "steps_this_run": state.step - start_step, "resumed_from": start_step,
-               "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "train_seconds": train_seconds,
+               "loss": metrics.last_train.get("loss"), "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "train_seconds": train_seconds,
                "wall_seconds": time.time() - started, "hf_dir": str(hf_dir or run_dir / "hf") if finished and t.export_hf else None,
                "run_dir": str(run_dir)}
     metrics.log_summary(summary)
-    log.info("%s at step %d/%d: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s",
-             "finished" if finished else "stopped", state.step, t.max_steps, state.tokens_seen, state.skipped_steps,
+    val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+    log.info("%s at step %d/%d%s: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s",
+             "finished" if finished else "stopped", state.step, t.max_steps, val, state.tokens_seen, state.skipped_steps,
              train_seconds, run_dir)
     backend.close()
     return summary

@@ -1,0 +1,95 @@
+"""The HF export loads in plain transformers and computes what ember computed."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ember_cli import run_ember  # noqa: E402
+from pretrain_runs import records, trained_run  # noqa: E402
+
+from ember.config import read_yaml, validate  # noqa: E402
+from ember.run_config import RunConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(small_dataset) -> Path:
+    return trained_run(small_dataset)
+
+
+def hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_export_reproduces_embers_final_validation_loss(run, small_dataset):
+    """ember's own forward (in the loop) and plain transformers on the export see the same batches: same loss."""
+    from ember.data.loader import build_loader
+
+    cfg = validate(read_yaml(run / "config.yaml"), RunConfig)
+    model = hf_model(run / "hf")
+    val = build_loader([small_dataset], [1.0], split="val", seq_len=cfg.train.seq_len, global_batch_size=cfg.train.micro_batch_size,
+                       rank=0, world_size=1, seed=cfg.seed)
+    losses = []
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.train.eval_batches), val):
+            logits = model(input_ids=batch.tokens[:, :-1]).logits
+            losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.tokens[:, 1:].flatten()).item())
+    final_eval = records(run, "eval")[-1]
+    assert final_eval["step"] == 12
+    assert sum(losses) / len(losses) == pytest.approx(final_eval["val_loss"], abs=1e-5)
+
+
+def test_export_logits_equal_the_checkpoint_weights(run):
+    """The export holds the final checkpoint's weights: logits within 1e-5 of a model built by ember from the checkpoint."""
+    from ember.pretrain.backends import load_full_weights
+    from ember.pretrain.model import build_meta_model
+
+    cfg = validate(read_yaml(run / "config.yaml"), RunConfig)
+    ours = build_meta_model(cfg.model)
+    ours.to_empty(device="cpu")
+    ours.load_state_dict(load_full_weights(run / "checkpoints" / "step_00000012"), strict=False)
+    ours.eval()
+    theirs = hf_model(run / "hf")
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+
+
+def test_export_generates_text_with_its_tokenizer(run):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run / "hf"))
+    model = hf_model(run / "hf")
+    assert model.config.eos_token_id == tok.eos_token_id
+    ids = tok("def main(", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids.shape[1] and isinstance(tok.decode(out[0]), str)
+
+
+def test_offline_export_of_a_checkpoint_matches_the_end_of_run_export(run, tmp_path):
+    proc = run_ember("export", str(run / "checkpoints" / "step_00000012"), "--to", "hf", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, end_of_run = load_file(tmp_path / "out" / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert ours.keys() == end_of_run.keys()
+    assert all(torch.equal(ours[k], end_of_run[k]) for k in ours)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    # A run directory exports its newest checkpoint.
+    proc = run_ember("export", str(run), "--to", "hf", str(tmp_path / "out2"))
+    assert proc.returncode == 0 and math.isclose(
+        load_file(tmp_path / "out2" / "model.safetensors")["model.norm.weight"].sum().item(), ours["model.norm.weight"].sum().item())
+
+
+def test_export_of_something_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
+    proc = run_ember("export", str(tmp_path), "--to", "hf", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: no complete checkpoint")
+    assert not (tmp_path / "out").exists()
