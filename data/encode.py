@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -18,8 +19,13 @@ import numpy as np
 _state: dict = {}
 
 
-def init_encoder(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def init_encoder(tokenizer_json: str, eos_id: int, dtype: str, in_worker: bool = False) -> None:
     from tokenizers import Tokenizer
+
+    if in_worker:
+        # Ctrl-C and termination are the parent's to handle: it stops the pool and removes its output.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     _state["tok"] = Tokenizer.from_file(tokenizer_json)
     _state["eos"] = eos_id
@@ -58,7 +64,7 @@ def encode_in_order(batches: Iterable[tuple[list[str], list[bool]]], tokenizer_j
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         ctx = mp.get_context("fork")
-        with ctx.Pool(num_proc, initializer=init_encoder, initargs=(tokenizer_json, eos_id, dtype)) as pool:
+        with ctx.Pool(num_proc, initializer=init_encoder, initargs=(tokenizer_json, eos_id, dtype, True)) as pool:
             pending: deque = deque()
             for batch in batches:
                 pending.append((batch, pool.apply_async(encode_batch, batch)))

@@ -12,8 +12,11 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,8 +186,30 @@ def _check_output(out: Path, overwrite: bool) -> None:
         raise UserError("refusing to overwrite: the output exists and is not an ember dataset", str(out))
 
 
+@contextmanager
+def _termination_cleans_up():
+    """Turn SIGTERM into SystemExit while preparing, so the temporary directory is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def prepare(cfg: PrepareConfig, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Build the dataset described by `cfg`; returns its directory."""
+    with _termination_cleans_up():
+        return _prepare(cfg, overwrite, show_progress)
+
+
+def _prepare(cfg: PrepareConfig, overwrite: bool, show_progress: bool) -> Path:
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).absolute()
     _check_output(out, overwrite)
