@@ -1,0 +1,226 @@
+"""Training throughput on this CPU: ember against the Hugging Face Trainer, same model, data, batch and optimiser.
+
+    .venv/bin/python bench/train_throughput.py [--steps 30] [--warmup 5] [--threads 1] [--rounds 2]
+
+Both train the tiny preset's shape (Llama, 4 layers, 256 wide, vocab of the data, fp32) from the same initial
+weights (ember's init_weights) on the same token sequences (a small corpus prepared once with
+`ember data prepare`; the Trainer reads the batches ember's loader yields), with the same batch, seq_len,
+AdamW (fused, betas 0.9/0.95, decay 0.1), warmup + cosine schedule and gradient clipping.
+
+- ember runs through its CLI, `ember pretrain configs/pretrain/tiny.yaml --set ...`, in a subprocess; its
+  tokens/s are the `tokens_per_s` of the train records in `run_dir/metrics.jsonl` (logged every step).
+- the Trainer runs in a subprocess of this script; a callback times each optimiser step
+  (on_step_begin -> on_step_end: forward, backward, clip, optimiser, like ember's step time).
+
+Each engine runs `--rounds` times, alternating, in fresh processes with the same thread count. Per round the
+tokens/s is batch tokens over the median step time after `--warmup` steps (the median resists the noise of a
+shared machine); the best round counts. MFU = tokens/s x (6 x matmul params + attention FLOPs per token) over the
+fp32 matmul peak measured here (ember.pretrain.peak) with the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+
+
+def ember_overrides(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> list[str]:
+    """The --set overrides that make tiny.yaml the benchmark run (also used to build the Trainer's twin)."""
+    return [
+        f"run_dir={run_dir}", f"data.datasets=[{{path: {data_dir}}}]", "tracking.wandb=disabled",
+        f"train.max_steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.seq_len={args.seq_len}",
+        f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}", "train.precision=fp32",
+        "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.export_hf=false",
+        f"train.lr={args.lr}", f"seed={args.seed}",
+    ]
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> None:
+    if (data_dir / "manifest.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "ember", "data", "prepare", str(REPO / "configs" / "data" / "stdlib.yaml"), "--quiet",
+           "--set", f"output_dir={data_dir}", "--set", f"max_documents={args.documents}", "--set", "num_proc=1"]
+    print(f"preparing the benchmark corpus: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, env=thread_env(args.threads), cwd=REPO)
+
+
+def run_ember(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
+    """One `ember pretrain` process; returns its per-step tokens/s (after warm-up) and losses."""
+    sets = [x for o in ember_overrides(args, data_dir, run_dir) for x in ("--set", o)]
+    cmd = [sys.executable, "-m", "ember", "pretrain", str(TINY), *sets]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"ember pretrain failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r["kind"] == "train"]
+    return {"tokens_per_s": [r["tokens_per_s"] for r in train if r["step"] > args.warmup],
+            "losses": [r["loss"] for r in train], "wall_s": time.perf_counter() - started}
+
+
+def run_trainer(args: argparse.Namespace, data_dir: Path, out_dir: Path) -> dict:
+    """One Hugging Face Trainer process (this script with --trainer-worker); returns what it measured."""
+    result = out_dir / "trainer_result.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--trainer-worker", str(result), "--data-dir", str(data_dir), "--work-dir", str(out_dir),
+           *(f"--{k.replace('_', '-')}={v}" for k, v in worker_args(args).items())]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"Trainer run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started}
+
+
+def worker_args(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("steps", "warmup", "batch", "seq_len", "lr", "seed", "threads")}
+
+
+def trainer_worker(args: argparse.Namespace) -> None:
+    """Train with transformers.Trainer on the batches ember's loader yields, timing each optimiser step."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    try:
+        import accelerate  # noqa: F401  (the Trainer needs it; ember itself does not)
+    except ImportError:
+        sys.exit("the Hugging Face Trainer baseline needs accelerate: pip install 'accelerate>=1.1' "
+                 "(or put a folder holding it on PYTHONPATH)")
+
+    from ember.config import load_config
+    from ember.data.loader import build_loader
+    from ember.pretrain.model import build_meta_model, init_weights
+    from ember.run_config import RunConfig
+
+    work = Path(args.work_dir)
+    cfg = load_config(TINY, RunConfig, ember_overrides(args, Path(args.data_dir), work / "unused"))
+    model = build_meta_model(cfg.model)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg.model, cfg.seed)  # the same initial weights as the ember run
+
+    loader = build_loader([Path(args.data_dir)], [1.0], split="train", seq_len=args.seq_len, global_batch_size=args.batch,
+                          rank=0, world_size=1, seed=cfg.seed)
+    samples = []
+    for batch, _ in zip(loader, range(args.steps)):
+        # tokens: (batch, seq_len + 1); HF shifts labels itself, so both are the seq_len inputs.
+        samples += [{"input_ids": row[:-1].clone(), "labels": row[:-1].clone()} for row in batch.tokens]
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *unused, **unused_kw):
+            return torch.utils.data.SequentialSampler(self.train_dataset)  # ember's order, not a reshuffle
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self._start = [], [], 0.0
+
+        def on_step_begin(self, *unused, **unused_kw):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, *unused, **unused_kw):
+            self.times.append(time.perf_counter() - self._start)
+
+        def on_log(self, _args, _state, _control, logs=None, **unused):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    t = cfg.train
+    targs = TrainingArguments(
+        output_dir=str(work / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
+        adam_epsilon=t.eps, max_grad_norm=t.grad_clip, warmup_steps=t.warmup_steps, lr_scheduler_type="cosine",
+        optim="adamw_torch_fused", use_cpu=True, bf16=False, fp16=False, seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+    )
+    timer = StepTimer()
+    InOrder(model=model, args=targs, train_dataset=samples, data_collator=default_data_collator, callbacks=[timer]).train()
+    tokens = args.batch * args.seq_len
+    Path(args.trainer_worker).write_text(json.dumps({
+        "tokens_per_s": [tokens / s for s in timer.times[args.warmup:]], "losses": timer.losses,
+        "threads": torch.get_num_threads()}))
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Best round by median tokens/s."""
+    medians = [statistics.median(r["tokens_per_s"]) for r in rounds]
+    best = max(range(len(rounds)), key=lambda i: medians[i])
+    return {"tokens_per_s": medians[best], "rounds": medians, "first_loss": rounds[best]["losses"][0],
+            "last_loss": rounds[best]["losses"][-1], "wall_s": rounds[best]["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the measurement (also LR warm-up)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (one micro-batch)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every run (and of the peak measurement)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per engine, alternating; the best counts")
+    parser.add_argument("--documents", type=int, default=400, help="stdlib files in the benchmark corpus")
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench" / "throughput"))
+    parser.add_argument("--data-dir", default=None, help="prepared dataset (default: WORK_DIR/data, prepared if missing)")
+    parser.add_argument("--trainer-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trainer_worker:
+        return trainer_worker(args)
+
+    import torch
+
+    from ember.config import load_config
+    from ember.pretrain.accounting import count_params, flops_per_token
+    from ember.pretrain.peak import measured_cpu_peak_flops
+    from ember.run_config import RunConfig
+
+    work = Path(args.work_dir)
+    data_dir = Path(args.data_dir) if args.data_dir else work / "data"
+    work.mkdir(parents=True, exist_ok=True)
+    prepare_data(args, data_dir)
+    torch.set_num_threads(args.threads)
+    peak = measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0)
+
+    ember_rounds, trainer_rounds = [], []
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}: ember ...", flush=True)
+        ember_rounds.append(run_ember(args, data_dir, work / f"ember-{i}"))
+        print(f"round {i + 1}/{args.rounds}: HF Trainer ...", flush=True)
+        trainer_rounds.append(run_trainer(args, data_dir, work))
+    # The peak again after the runs: a busy moment at the start would understate it.
+    measured_cpu_peak_flops.cache_clear()
+    peak = max(peak, measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0))
+
+    cfg = load_config(TINY, RunConfig, ember_overrides(args, data_dir, work / "unused"))
+    per_token = flops_per_token(cfg.model, args.seq_len)
+    results = {"ember": summarise(ember_rounds), "trainer": summarise(trainer_rounds)}
+    ratio = results["ember"]["tokens_per_s"] / results["trainer"]["tokens_per_s"]
+    print(f"\nmodel: {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocab {cfg.model.vocab_size}, "
+          f"{count_params(cfg.model)['total']:,} params, fp32; batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.steps} steps ({args.warmup} warm-up), {args.threads} thread(s), {args.rounds} round(s)")
+    print(f"FLOPs per token {per_token / 1e6:.2f} M; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'engine':12s} {'tokens/s':>10s} {'MFU':>7s} {'rounds (median tokens/s)':>28s} {'loss first -> last':>22s}")
+    for name, label in (("ember", "ember"), ("trainer", "HF Trainer")):
+        r = results[name]
+        r["mfu"] = r["tokens_per_s"] * per_token / peak
+        rounds = ", ".join(f"{x:.0f}" for x in r["rounds"])
+        print(f"{label:12s} {r['tokens_per_s']:10.1f} {r['mfu']:7.1%} {rounds:>28s} {r['first_loss']:10.4f} -> {r['last_loss']:.4f}")
+    (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "peak_flops": peak,
+                                                   "flops_per_token": per_token, "args": vars(args)}, indent=1))
+    print(f"ember / HF Trainer tokens/s: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
