@@ -62,7 +62,8 @@ class TokenStream:
     def _open(self) -> None:
         # Memmaps are opened per process: pickling one to a DataLoader worker would copy the data.
         if self._pid != os.getpid():
-            self._maps = [np.memmap(self.dir / n, dtype=self.dtype, mode="r") for n in self.names]
+            # Plain ndarray views of the maps: slicing them skips np.memmap's per-slice Python overhead.
+            self._maps = [np.memmap(self.dir / n, dtype=self.dtype, mode="r").view(np.ndarray) for n in self.names]
             offsets = [np.fromfile(self.dir / n, dtype=INDEX_DTYPE)[:-1] + int(s) for n, s in zip(self.index_names, self.starts)]
             self._doc_starts = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)  # (num_docs,) stream offsets
             self._pid = os.getpid()
@@ -70,23 +71,35 @@ class TokenStream:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pid": None, "_maps": None, "_doc_starts": None}
 
-    def read(self, start: int, length: int, out: np.ndarray) -> None:
-        """Copy stream[start:start+length] into `out` (length,), crossing shard ends when needed."""
+    def read_rows(self, starts: np.ndarray, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
+        """Row i of `tokens` (rows, length) = stream[starts[i] : starts[i] + length]; `doc_starts` (rows, length)
+        gets True where a document begins. One slice copy per row, no per-token Python."""
         self._open()
+        length = tokens.shape[1]
+        shard = np.searchsorted(self.starts, starts, side="right") - 1  # (rows,) shard of each row's first token
+        local = starts - self.starts[shard]
+        room = self.starts[shard + 1] - starts  # tokens left in that shard
+        for i in range(len(starts)):
+            if room[i] >= length:
+                tokens[i] = self._maps[shard[i]][local[i] : local[i] + length]
+            else:  # the window crosses one or more shard ends
+                self._read_across(int(starts[i]), tokens[i])
+        lo = np.searchsorted(self._doc_starts, starts)
+        hi = np.searchsorted(self._doc_starts, starts + length)
+        counts = hi - lo
+        rows = np.repeat(np.arange(len(starts)), counts)
+        which = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
+        doc_starts[rows, self._doc_starts[which] - starts[rows]] = True
+
+    def _read_across(self, start: int, out: np.ndarray) -> None:
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         done = 0
-        while done < length:
+        while done < len(out):
             lo = start + done - int(self.starts[shard])
-            n = min(length - done, int(self.starts[shard + 1]) - (start + done))
+            n = min(len(out) - done, int(self.starts[shard + 1]) - (start + done))
             out[done : done + n] = self._maps[shard][lo : lo + n]
             done += n
             shard += 1
-
-    def doc_starts_in(self, start: int, length: int, out: np.ndarray) -> None:
-        """Set `out[k]` (bool, (length,)) where a document begins at stream position start + k."""
-        self._open()
-        lo, hi = np.searchsorted(self._doc_starts, [start, start + length])
-        out[self._doc_starts[lo:hi] - start] = True
 
 
 class TokenLoader:
@@ -137,10 +150,17 @@ class TokenLoader:
         mine = slice(self.rank * rows, (self.rank + 1) * rows)
         tokens = np.empty((rows, L + 1), dtype=np.int64)  # (rows, seq_len + 1)
         doc_starts = np.zeros((rows, L + 1), dtype=bool)
-        for row, (s, c) in enumerate(zip(sources[mine], chunks[mine])):
-            stream = self.streams[int(s)]
-            stream.read(int(c) * L, L + 1, tokens[row])
-            stream.doc_starts_in(int(c) * L, L + 1, doc_starts[row])
+        my_sources, my_starts = sources[mine], chunks[mine] * L  # (rows,), (rows,) stream offsets
+        present = np.unique(my_sources)
+        if len(present) == 1:  # one source: read straight into the batch
+            self.streams[int(present[0])].read_rows(my_starts, tokens, doc_starts)
+            present = []
+        for s in present:
+            sel = np.nonzero(my_sources == s)[0]
+            part_tokens = np.empty((len(sel), L + 1), dtype=np.int64)
+            part_docs = np.zeros((len(sel), L + 1), dtype=bool)
+            self.streams[int(s)].read_rows(my_starts[sel], part_tokens, part_docs)
+            tokens[sel], doc_starts[sel] = part_tokens, part_docs
         return Batch(torch.from_numpy(tokens), torch.from_numpy(doc_starts), torch.from_numpy(sources[mine].copy()),
                      {name: int(n) * L for name, n in zip(self.names, counts)}, start_sample)
 

@@ -69,18 +69,23 @@ class MixtureSchedule:
         """(source ids, chunk ids) of global samples start .. start+count-1."""
         idx = np.arange(start, start + count, dtype=np.int64)
         sources = np.empty(count, dtype=np.int64)
-        chunks = np.empty(count, dtype=np.int64)
+        draws = np.empty(count, dtype=np.int64)  # j: how many earlier samples came from the same source
         for block in np.unique(idx // self.block_size):
             sel = (idx // self.block_size) == block
-            pos = idx[sel] % self.block_size
             src, draw = self._block(int(block))
-            sources[sel] = src[pos]
-            chunks[sel] = [self._chunk(int(a), int(b)) for a, b in zip(src[pos], draw[pos])]
+            pos = idx[sel] % self.block_size
+            sources[sel], draws[sel] = src[pos], draw[pos]
+        chunks = np.empty(count, dtype=np.int64)
+        for s in np.unique(sources):
+            n = self.num_chunks[s]
+            sel = sources == s
+            epochs = draws[sel] // n
+            picked = np.empty(len(epochs), dtype=np.int64)
+            for e in np.unique(epochs):
+                at = epochs == e
+                picked[at] = self._perm(int(s), int(e))[draws[sel][at] % n]
+            chunks[sel] = picked
         return sources, chunks
-
-    def _chunk(self, source: int, draw: int) -> int:
-        n = self.num_chunks[source]
-        return int(self._perm(source, draw // n)[draw % n])
 
     def draws_by_source(self, num_samples: int) -> np.ndarray:
         """How many of the first `num_samples` global samples came from each source."""
