@@ -34,8 +34,10 @@ def build_backend(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimiz
         return build_single(cfg, make_optimizer, env)
     if name == "ddp":
         from ember.pretrain.backends.ddp import build_ddp
+        from ember.pretrain.backends.single import build_single
 
-        return build_ddp(cfg, make_optimizer, env) if env.world_size > 1 else _single_for(name, cfg, make_optimizer, env)
+        # DDP over one process is the single backend (same DCP checkpoints).
+        return build_ddp(cfg, make_optimizer, env) if env.world_size > 1 else build_single(cfg, make_optimizer, env)
     if name == "fsdp":
         from ember.pretrain.backends.fsdp import build_fsdp
 
@@ -45,13 +47,6 @@ def build_backend(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimiz
 
         return build_deepspeed(cfg, make_optimizer, env)
     raise UserError(f"unknown backend {name!r}", "train.backend")
-
-
-def _single_for(name, cfg, make_optimizer, env) -> Backend:
-    # DDP on one process is a single process; checkpoints stay the same DCP format.
-    from ember.pretrain.backends.single import build_single
-
-    return build_single(cfg, make_optimizer, env)
 
 
 def load_full_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -9,29 +9,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ember.pretrain.backends.base import resolve_autocast_dtype
+from ember.pretrain.backends.base import accumulation_steps, resolve_autocast_dtype
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.backends.torch_backend import TorchBackend
 from ember.pretrain.distributed import DistEnv
 
 
 class DDPBackend(TorchBackend):
-    """DDP decides in *forward* whether the next backward all-reduces, but the loop only says which micro batch
-    is last at backward time. So the number of micro batches per step is learnt from the previous step and the
-    sync flag set for each coming forward; an extra sync is harmless (averaging is linear), and a missed one on
-    the last micro batch is made up by an explicit all-reduce."""
+    """DDP decides in *forward* whether the coming backward all-reduces, but the loop says which micro batch is
+    last only at backward time. The number of micro batches per step follows from the config, so the flag for
+    each coming forward is set ahead; should the loop end a step elsewhere, a last micro batch that ran without
+    sync is made up by an explicit all-reduce (the same pattern every step keeps resumed runs bit-identical)."""
 
     name = "ddp"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, num_micro_batches: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self._num_micro_batches: int | None = None  # learnt at the first step's end
-        self._micro_index = 0                       # backward calls so far in this step
-        self.model.require_backward_grad_sync = True
+        self._num_micro_batches = num_micro_batches
+        self._micro_index = 0  # backward calls so far in this step
+        self.model.require_backward_grad_sync = self._sync_next_forward()
 
     def _sync_next_forward(self) -> bool:
-        if self._num_micro_batches is None:
-            return True
         return self._micro_index + 1 >= self._num_micro_batches
 
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
@@ -40,7 +38,6 @@ class DDPBackend(TorchBackend):
         if last_micro_batch:
             if not synced:
                 self._all_reduce_grads()
-            self._num_micro_batches = self._micro_index + 1
             self._micro_index = 0
         else:
             self._micro_index += 1
@@ -59,4 +56,5 @@ def build_ddp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     model = DistributedDataParallel(module, device_ids=device_ids)
     optimizer = make_optimizer(module)
-    return DDPBackend(env, model, module, optimizer, resolve_autocast_dtype(cfg.train.precision, env.device))
+    return DDPBackend(env, model, module, optimizer, resolve_autocast_dtype(cfg.train.precision, env.device),
+                      num_micro_batches=accumulation_steps(cfg.train, env.world_size))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ember.errors import UserError
-from ember.pretrain.backends.base import Backend, resolve_autocast_dtype
+from ember.pretrain.backends.base import Backend, accumulation_steps, resolve_autocast_dtype
 from ember.pretrain.backends.safe_load import weights_only_torch_load
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.distributed import DistEnv
@@ -40,24 +40,6 @@ def deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def global_batch_sequences(train, world_size: int) -> int:
-    if train.global_batch_size:
-        return train.global_batch_size
-    if train.global_batch_tokens:
-        return train.global_batch_tokens // train.seq_len
-    return train.micro_batch_size * world_size
-
-
-def accumulation_steps(train, world_size: int) -> int:
-    """Micro batches per rank per optimizer step (the global batch must split evenly)."""
-    global_batch = global_batch_sequences(train, world_size)
-    per_step = train.micro_batch_size * world_size
-    if global_batch % per_step:
-        raise UserError(f"global batch of {global_batch} sequences is not a multiple of micro_batch_size "
-                        f"{train.micro_batch_size} x {world_size} ranks", "train.global_batch_size")
-    return global_batch // per_step
-
-
 # DeepSpeed's default bucket (5e8 elements, 2 GB in fp32) is allocated afresh for every reduction: on a small
 # model most of each step would go to zeroing pages. Buckets are capped at the model's size instead.
 MAX_BUCKET_ELEMENTS = 500_000_000
@@ -76,6 +58,9 @@ def deepspeed_config(cfg, world_size: int, device: torch.device, num_params: int
     zero: dict = {"stage": train.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if train.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = bucket
+        # Parameters below this size stay whole on every rank (fewer tiny all-gathers). DeepSpeed's fixed 1e5
+        # would keep *every* weight of a small model whole; scale it with the model instead.
+        zero["stage3_param_persistence_threshold"] = min(100_000, num_params // 1000)
     config: dict = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": num_accum,
@@ -206,6 +191,26 @@ class DeepSpeedBackend(Backend):
         return out
 
 
+def share_master_partitions(zero_optimizer) -> None:
+    """ZeRO-3 in fp32: make each rank's parameter partition *be* its fp32 master partition.
+
+    DeepSpeed means to alias the two when dtype and device agree (stage3 `_create_fp32_partitions`), but compares
+    a torch.device with a device-name string, which is never equal; every rank would then hold a second fp32 copy
+    of its parameter shard. The optimizer updates the master in place, so the partitions stay current.
+    """
+    low_flats = zero_optimizer.fp16_partitioned_groups_flat
+    masters = zero_optimizer.fp32_partitioned_groups_flat
+    for i, master in enumerate(masters):
+        low = low_flats[i]
+        if low is None or low is master or low.dtype != master.dtype or low.device != master.device or low.shape != master.shape:
+            return
+        low_flats[i] = master
+        # Point every parameter's partition (ds_tensor) into the master flat buffer.
+        zero_optimizer._unflatten_partitioned_parameters(i)
+    # The contiguous buffer the partitions were cut from is no longer referenced by any parameter.
+    zero_optimizer.lp_param_buffer = torch.empty(0, dtype=masters[0].dtype, device=masters[0].device)
+
+
 def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DeepSpeedBackend:
     import deepspeed
 
@@ -219,6 +224,8 @@ def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optim
     num_groups = len(optimizer.param_groups)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                       dist_init_required=False)
+    if cfg.train.zero_stage == 3 and not cfg.train.cpu_offload:
+        share_master_partitions(ds_optimizer)
     inner = getattr(ds_optimizer, "optimizer", ds_optimizer)
     if inner is not optimizer or len(inner.param_groups) != num_groups:
         raise RuntimeError(f"DeepSpeed replaced the client optimizer ({type(inner).__name__}) or its param groups")
