@@ -158,3 +158,25 @@ def test_small_dataset_fixture(small_dataset):
     assert tok.eos_token_id == m.eos_id and len(tok) == 512
     first = decode_split(small_dataset, "train")[0]
     assert first.startswith(('"""', "#", "from", "import"))
+
+
+def test_a_bare_tokenizer_json_is_installed_as_an_hf_directory(tmp_path, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    docs = make_docs(40, seed=12)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+    cfg = PrepareConfig(source=str(src), output_dir=tmp_path / "out", tokenizer=str(tiny_tokenizer / "tokenizer.json"),
+                        num_proc=1, val_fraction=0)
+    m = read_manifest(prepare(cfg, show_progress=False))
+    tok = AutoTokenizer.from_pretrained(m.tokenizer_dir)
+    assert tok.eos_token == "<|endoftext|>" and m.eos_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert decode_split(m.dir, "train") == docs
+
+
+def test_unknown_tokenizer_is_one_clear_error(tmp_path):
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(5))
+    for spec, match in ((str(tmp_path / "no-such-tok"), "tokenizer not found"), ("nobody/no-such-tokenizer-ember", "cannot load tokenizer")):
+        cfg = PrepareConfig(source=str(src), output_dir=tmp_path / "out", tokenizer=spec, num_proc=1)
+        with pytest.raises(UserError, match=match):
+            prepare(cfg, show_progress=False)
+        assert not (tmp_path / "out").exists()
