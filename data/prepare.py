@@ -250,7 +250,10 @@ def _prepare(cfg: PrepareConfig, overwrite: bool, show_progress: bool) -> Path:
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     if not out.exists():
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another prepare of the same output finished first
+            raise UserError("the output directory appeared while preparing (another prepare wrote it?)", str(out)) from None
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     os.rename(out, old)

@@ -79,23 +79,26 @@ def test_undecodable_bytes_are_counted_not_fatal(tmp_path, tiny_tokenizer):
     assert decode_split(m.dir, "train") == good
 
 
-def test_vocabulary_over_65536_is_stored_as_uint32(tmp_path, tiny_tokenizer):
-    from tokenizers import Tokenizer
+def test_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from ember.data.tokenizer import save_hf_tokenizer
 
-    tok = Tokenizer.from_file(str(tiny_tokenizer / "tokenizer.json"))
-    tok.add_tokens([f"<w{i}>" for i in range(70_000)])
+    # A word-level vocabulary of 70,002 entries: ids above 65,535 occur in ordinary text.
+    vocab = {"<|endoftext|>": 0, "<|pad|>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(69_999)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     big = save_hf_tokenizer(tok, tmp_path / "big", eos_token="<|endoftext|>", pad_token="<|pad|>")
-    docs = [f"start <w69999> middle <w{i * 997 % 70_000}> end {i}" for i in range(50)]
+    docs = [" ".join(f"w{(i * 7919 + k * 104_729) % 69_999}" for k in range(1 + i % 9)) for i in range(60)] + ["w69998 w65533 w3"]
     src = write_jsonl(tmp_path / "big.jsonl", docs)
     out = prepare(PrepareConfig(source=str(src), output_dir=tmp_path / "out", tokenizer=str(big), num_proc=1, val_fraction=0),
                   show_progress=False)
     m = read_manifest(out)
-    assert m.vocab_size > 65_536 and m.dtype == np.dtype("<u4")
+    assert m.vocab_size == 70_002 and m.dtype == np.dtype("<u4")
     assert (out / m.shards("train")[0].name).stat().st_size == 4 * m.num_tokens("train")
     ids = [i for d in read_split_documents(out, "train") for i in d]
-    assert max(ids) > 65_535
+    assert max(ids) == 70_001  # w69998
     assert decode_split(out, "train") == docs
 
 
