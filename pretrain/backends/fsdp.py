@@ -18,7 +18,7 @@ from ember.pretrain.backends.parallelize import (
     decoder_blocks,
 )
 from ember.pretrain.backends.torch_backend import TorchBackend
-from ember.pretrain.distributed import DistEnv
+from ember.pretrain.distributed import DistEnv, ensure_process_group
 from ember.pretrain.model import build_meta_model
 
 log = logging.getLogger("ember.pretrain.backends.fsdp")
@@ -67,6 +67,7 @@ def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
         log.info("cpu_offload has no effect on CPU: parameters already live there")
     offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
 
+    ensure_process_group(env)  # fully_shard needs a device mesh, also over one process
     model = build_meta_model(cfg.model)
     apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
     apply_fsdp(model, mp_policy, offload_policy)

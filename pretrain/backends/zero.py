@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from ember.errors import UserError
 from ember.pretrain.backends.base import Backend, accumulation_steps, resolve_autocast_dtype
 from ember.pretrain.backends.safe_load import weights_only_torch_load
 from ember.pretrain.backends.single import build_local_model
-from ember.pretrain.distributed import DistEnv
+from ember.pretrain.distributed import DistEnv, ensure_process_group
 
 log = logging.getLogger("ember.pretrain.backends.zero")
 
@@ -82,22 +81,11 @@ def deepspeed_config(cfg, world_size: int, device: torch.device, num_params: int
     return deep_merge(config, train.deepspeed)
 
 
-def _ensure_process_group(env: DistEnv) -> None:
-    """DeepSpeed needs a process group even alone: a one-process one on a local port."""
+def _init_deepspeed_comm(env: DistEnv) -> None:
     import deepspeed
 
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", rank=0, world_size=1)
+    ensure_process_group(env)
+    # DeepSpeed's comm layer wraps the existing torch process group.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 
 
@@ -214,7 +202,7 @@ def share_master_partitions(zero_optimizer) -> None:
 def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DeepSpeedBackend:
     import deepspeed
 
-    _ensure_process_group(env)
+    _init_deepspeed_comm(env)
     # DeepSpeed needs real tensors to build its flat buffers, so each rank materialises the full model with the
     # single-process weights (deterministic init: no broadcast needed); ZeRO-3 partitions it during initialize
     # and frees the rest, so what stays per rank is 1/world_size of parameters and optimizer state.

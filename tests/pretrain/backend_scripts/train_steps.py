@@ -60,7 +60,7 @@ def train_step(backend, step: int, args, poison: bool = False) -> dict:
         inputs, labels = micro[:, :-1], micro[:, 1:]
         logits = backend.model(input_ids=inputs).logits  # (micro, seq, vocab)
         loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
-        if poison and i == 0:
+        if poison and i == 0 and backend.rank == 0:  # one bad rank must stop every rank's update
             loss = loss * float("nan")
         backend.backward(loss / len(micro_batches), last_micro_batch=i == len(micro_batches) - 1)
         loss_sum += loss.item() / len(micro_batches)
@@ -80,23 +80,18 @@ def set_lr(backend, step: int) -> None:
         group["lr"] = 3e-3 * (0.5 + 0.5 * math.cos(math.pi * step / 40))
 
 
-def weights_digest(backend) -> tuple[str | None, dict | None]:
-    full = backend.full_state_dict()
-    if full is None:
-        return None, None
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names and exact bytes: equal digests mean bit-identical weights."""
     h = hashlib.sha256()
-    for name in sorted(full):
+    for name in sorted(state):
         h.update(name.encode())
-        h.update(full[name].contiguous().numpy().tobytes())
-    return h.hexdigest(), full
+        h.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
-def run_steps(backend, start: int, stop: int, args, poison_step: int = -1) -> list[dict]:
-    records = []
-    for step in range(start, stop):
-        set_lr(backend, step)
-        records.append(train_step(backend, step, args, poison=step == poison_step))
-    return records
+def weights_digest(backend) -> str | None:
+    full = backend.full_state_dict()  # collective
+    return state_digest(full) if full is not None else None
 
 
 def optimizer_digest(backend) -> str:
@@ -111,44 +106,57 @@ def optimizer_digest(backend) -> str:
     return h.hexdigest()
 
 
+def run_steps(backend, start: int, stop: int, args, result: dict | None = None) -> list[dict]:
+    records = []
+    for step in range(start, stop):
+        set_lr(backend, step)
+        poison = step == args.poison_step
+        if poison and result is not None:
+            before = weights_digest(backend), optimizer_digest(backend)
+        records.append(train_step(backend, step, args, poison=poison))
+        if poison and result is not None:
+            after = weights_digest(backend), optimizer_digest(backend)
+            result["weights_unchanged_by_skip"] = before[0] == after[0] if backend.rank == 0 else None
+            result["optimizer_unchanged_by_skip"] = before[1] == after[1]
+    return records
+
+
+def build(cfg):
+    return build_backend(cfg, lambda m: build_optimizer(m, cfg.train))
+
+
 def job(args, spec: str) -> dict:
+    """Train `--steps` steps (saving at `--save-at`), then optionally resume a fresh backend from the save."""
     backend_name, _, stage = spec.partition(":")
     cfg = make_config(args, backend_name, int(stage or 3))
-    backend = build_backend(cfg, lambda m: build_optimizer(m, cfg.train))
-    result: dict = {"backend": spec, "world_size": backend.world_size}
-    digest, full = weights_digest(backend)
-    result["init_digest"] = digest
+    backend = build(cfg)
+    result: dict = {"backend": spec, "world_size": backend.world_size, "init_digest": weights_digest(backend),
+                    "checkpointed_blocks": sum(bool(getattr(m, "gradient_checkpointing", False)) for m in backend.module.modules())}
     if args.load_from:
-        backend.load(Path(args.load_from) / spec.replace(":", "_"))
-        result["losses_after_load"] = run_steps(backend, args.load_step, args.steps, args)
-    elif args.poison_step >= 0:
-        result["steps"] = run_steps(backend, 0, args.poison_step, args)
-        before_w, _ = weights_digest(backend)
-        before_o = optimizer_digest(backend)
-        result["poisoned"] = run_steps(backend, args.poison_step, args.poison_step + 1, args, args.poison_step)[0]
-        after_w, _ = weights_digest(backend)
-        result["weights_unchanged"] = before_w == after_w if backend.rank == 0 else None
-        result["optimizer_unchanged"] = before_o == optimizer_digest(backend)
-        result["steps"] += run_steps(backend, args.poison_step + 1, args.steps, args)
+        # Continue another run's checkpoint (possibly written at another world size or by another backend).
+        backend.load(Path(args.load_from))
+        result["steps"] = run_steps(backend, args.load_step, args.steps, args, result)
     else:
-        save_at = args.save_at if args.save_at > 0 else args.steps
-        result["steps"] = run_steps(backend, 0, save_at, args)
-        if args.save_at > 0:
+        save_at = args.save_at or args.steps
+        result["steps"] = run_steps(backend, 0, save_at, args, result)
+        if args.save_at:
             ckpt = Path(args.ckpt_root) / spec.replace(":", "_")
             backend.save(ckpt)
-            result["steps"] += run_steps(backend, save_at, args.steps, args)
-            result["final_digest"], _ = weights_digest(backend)
-            if args.round_trip:
-                # A fresh backend (new init), loaded from the checkpoint, must continue bit for bit.
-                fresh = build_backend(cfg, lambda m: build_optimizer(m, cfg.train))
-                fresh.load(ckpt)
-                result["resumed"] = run_steps(fresh, save_at, args.steps, args)
-                result["resumed_final_digest"], _ = weights_digest(fresh)
+            result["saved_digest"] = weights_digest(backend)
+            result["steps"] += run_steps(backend, save_at, args.steps, args, result)
+    result["final_digest"] = weights_digest(backend)
     if args.census:
         from memory_census import rank_bytes
 
         result["census"] = rank_bytes(backend)
-    backend.barrier()
+    if args.save_at and args.round_trip:
+        # A fresh backend (new init), loaded from the checkpoint, must continue bit for bit.
+        del backend
+        fresh = build(cfg)
+        fresh.load(Path(args.ckpt_root) / spec.replace(":", "_"))
+        result["resumed"] = run_steps(fresh, args.save_at, args.steps, args)
+        result["resumed_final_digest"] = weights_digest(fresh)
+        fresh.barrier()
     return result
 
 
