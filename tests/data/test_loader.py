@@ -168,3 +168,15 @@ def test_bad_loader_arguments(two_sources):
         loader(dirs, weights, seq_len=10**7)
     with pytest.raises(UserError, match="2 weights for 1 datasets"):
         loader(dirs[:1], weights)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 4097, 65_536, 1_000_003])
+def test_chunk_permutation_is_a_bijection(n):
+    from ember.data.mixture import feistel_permute
+
+    keys = np.array([1, 2, 3, 4], dtype=np.uint64)
+    out = feistel_permute(np.arange(n), n, keys)
+    assert np.array_equal(np.sort(out), np.arange(n))
+    if n > 1000:  # well shuffled: neither a shift nor a near-identity
+        assert abs(np.corrcoef(np.arange(n), out)[0, 1]) < 0.1
+        assert np.mean(np.abs(np.diff(out)) == 1) < 0.01
