@@ -133,14 +133,15 @@ def _check_files(m: Manifest) -> None:
 
 
 def verify_dataset(dataset_dir: str | Path) -> tuple[Manifest | None, list[str]]:
-    """Recompute every checksum; returns the manifest (None if unreadable) and one line per problem."""
+    """Recompute every checksum; returns the manifest (None if unreadable) and one line per problem,
+    each starting with the file it is about (`train-00000.bin: checksum mismatch (corrupt)`)."""
     d = Path(dataset_dir)
     try:
         raw = json.loads((d / MANIFEST).read_text())
         m = Manifest(d, raw)
         shards = {split: m.shards(split) for split in SPLITS}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, [f"unreadable manifest.json: {e}"]
+        return None, [f"{MANIFEST}: unreadable ({e})"]
     problems = []
     for split in SPLITS:
         for s in shards[split]:

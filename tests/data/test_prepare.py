@@ -183,3 +183,19 @@ def test_unknown_tokenizer_is_one_clear_error(tmp_path):
         with pytest.raises(UserError, match=match):
             prepare(cfg, show_progress=False)
         assert not (tmp_path / "out").exists()
+
+
+def test_verify_names_missing_and_corrupt_files(prepare_docs):
+    from ember.data.manifest import verify_dataset
+
+    out = prepare_docs(make_docs(200, seed=21), shard_tokens=2048)
+    assert verify_dataset(out)[1] == []
+    (out / "train-00002.bin").unlink()
+    index = out / "train-00000.idx"
+    index.write_bytes(index.read_bytes()[:-1] + b"\x01")
+    _, problems = verify_dataset(out)
+    assert problems == ["train-00000.idx: checksum mismatch (corrupt)", "train-00002.bin: missing"]
+    with pytest.raises(UserError, match="missing shard file train-00002.bin"):
+        read_manifest(out)
+    (out / "manifest.json").write_text("{not json")
+    assert verify_dataset(out)[1][0].startswith("manifest.json: unreadable")
