@@ -12,6 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -63,7 +64,10 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def load_full_weights_dcp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Offline, one process, no process group: the full weights of a DCP checkpoint."""
+    # What torch's own dcp_to_torch_save does, restricted to the model: the planner rebuilds the state dict
+    # from the checkpoint's metadata (public dcp.load would fill only keys already present), no_dist even if a
+    # process group happens to exist.
     state: dict = {}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt_dir)),
-             planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(ckpt_dir)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return {name: t.to(torch.float32) for name, t in state["model"].items()}
