@@ -26,7 +26,7 @@ from ember.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, datase
 from ember.data.progress import PrepareProgress, print_prepare_summary
 from ember.data.shards import ShardWriter, token_dtype
 from ember.data.sources import Source, SourceStats, resolve_source
-from ember.data.tokenizer import eos_and_pad_ids, fingerprint, install_tokenizer, load_tokenizer, train_bpe
+from ember.data.tokenizer import fingerprint, install_tokenizer, tokenizer_ids, train_bpe
 from ember.errors import UserError
 
 log = logging.getLogger("ember.data.prepare")
@@ -225,9 +225,7 @@ def _prepare(cfg: PrepareConfig, overwrite: bool, show_progress: bool) -> Path:
             install_tokenizer(cfg.tokenizer, tok_dir, cfg.eos_token)
         else:
             train_tokenizer(cfg, tok_dir, source)
-        tok = load_tokenizer(tok_dir)
-        eos_id, pad_id = eos_and_pad_ids(tok, cfg.eos_token)
-        vocab_size = len(tok)
+        vocab_size, eos_id, pad_id = tokenizer_ids(tok_dir, cfg.eos_token)
         dtype = token_dtype(vocab_size)
         acct = Accounting()
         t_encode = time.perf_counter()

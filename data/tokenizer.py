@@ -8,6 +8,7 @@ in the shards can always be decoded and a swapped tokenizer is caught at load ti
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -47,15 +48,42 @@ def train_bpe(texts: Iterable[str], out_dir: Path, *, vocab_size: int, special_t
 
 
 def save_hf_tokenizer(tok, out_dir: Path, *, eos_token: str, pad_token: str | None) -> Path:
-    """Wrap a `tokenizers.Tokenizer` as a transformers fast tokenizer and save it (tokenizer.json + config)."""
-    from transformers import PreTrainedTokenizerFast
+    """Save a `tokenizers.Tokenizer` as an HF tokenizer directory (tokenizer.json + tokenizer_config.json).
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, bos_token=eos_token, pad_token=pad_token,
-                                 clean_up_tokenization_spaces=False)
+    Written directly rather than through transformers, whose import would dominate a small prepare;
+    `AutoTokenizer.from_pretrained` loads the result as a fast tokenizer.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out_dir))
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos_token, "eos_token": eos_token,
+              "clean_up_tokenization_spaces": False}
+    if pad_token is not None:
+        config["pad_token"] = pad_token
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+def _token_content(value) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def tokenizer_ids(tokenizer_dir: Path, eos_token: str) -> tuple[int, int, int | None]:
+    """(vocab size = largest id + 1, EOS id, pad id or None) of an HF tokenizer directory, without transformers."""
+    from tokenizers import Tokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    eos = _token_content(config.get("eos_token")) or eos_token
+    eos_id = tok.token_to_id(eos)
+    if eos_id is None:
+        raise UserError(f"the tokenizer has no end-of-document token '{eos}'; set eos_token", str(tokenizer_dir))
+    pad = _token_content(config.get("pad_token"))
+    pad_id = tok.token_to_id(pad) if pad else None
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1, eos_id, pad_id
 
 
 def load_tokenizer(path: str | Path):
@@ -98,13 +126,3 @@ def install_tokenizer(spec: str, out_dir: Path, eos_token: str) -> Path:
         tok.eos_token = eos_token
     tok.save_pretrained(str(out_dir))
     return out_dir
-
-
-def eos_and_pad_ids(tok, eos_token: str) -> tuple[int, int | None]:
-    """(EOS id, pad id or None) of a loaded HF tokenizer."""
-    eos_id = tok.eos_token_id
-    if eos_id is None:
-        eos_id = tok.convert_tokens_to_ids(eos_token)
-        if eos_id is None or eos_id == tok.unk_token_id:
-            raise UserError(f"the tokenizer has no eos_token and no '{eos_token}' token; set eos_token", "tokenizer")
-    return int(eos_id), (int(tok.pad_token_id) if tok.pad_token_id is not None else None)
