@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "backend_scripts"))
+sys.path.insert(0, str(Path(__file__).parent))  # pretrain_runs: the shared helper that runs `ember pretrain`
 from backend_runs import ALL_BACKENDS, launch, losses, standard_runs, workdir  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -85,3 +86,35 @@ def test_activation_checkpointing_keeps_the_losses():
     for result in ranks[0]:
         assert result["checkpointed_blocks"] == 2
         assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), result["backend"])
+
+
+# --- acceptance: the real `ember pretrain` CLI under torchrun -------------------------------------------------
+
+CLI_STEPS = 20
+CLI_BACKENDS = {"ddp": (), "fsdp": (), "deepspeed:1": ("train.zero_stage=1",), "deepspeed:2": ("train.zero_stage=2",),
+                "deepspeed:3": ("train.zero_stage=3",)}
+
+
+@pytest.fixture(scope="module")
+def cli_config(small_dataset, tmp_path_factory):
+    from pretrain_runs import pretrain, write_config
+
+    root = tmp_path_factory.mktemp("cli-parity")
+    config = write_config(root / "run.yaml", small_dataset, root / "single", max_steps=CLI_STEPS, log_every=1)
+    pretrain(config)
+    return config, root
+
+
+@pytest.mark.parametrize("backend", list(CLI_BACKENDS))
+def test_cli_backends_match_single_process_for_20_steps(cli_config, backend):
+    from pretrain_runs import pretrain, train_losses
+
+    config, root = cli_config
+    run_dir = root / backend.replace(":", "_")
+    name = backend.partition(":")[0]
+    pretrain(config, f"run_dir={run_dir}", f"train.backend={name}", *CLI_BACKENDS[backend], nproc=2)
+    single, parallel = train_losses(root / "single"), train_losses(run_dir)
+    assert sorted(single) == sorted(parallel) == list(range(1, CLI_STEPS + 1))
+    assert single[CLI_STEPS] < single[1] - 0.3  # it learns
+    for step in single:
+        assert abs(parallel[step] - single[step]) <= REL_TOL * abs(single[step]), f"{backend} step {step}"
