@@ -9,6 +9,7 @@ next prepare of the same output).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -92,15 +93,18 @@ def default_num_proc() -> int:
 # ---------------------------------------------------------------- tokenizer
 
 
+def kept_documents(cfg: PrepareConfig, source: Source, stats: SourceStats) -> Iterator[tuple[str, bytes]]:
+    """(text, 16-byte hash) of every document that passes the filters, up to max_documents read."""
+    return DocumentFilter(cfg.filters, stats).apply(itertools.islice(source.documents(stats), cfg.max_documents))
+
+
 def tokenizer_training_texts(cfg: PrepareConfig, source: Source) -> Iterator[str]:
-    """The filtered documents the BPE is trained on (a hash-chosen fraction, up to max_train_bytes)."""
+    """The train-split documents the BPE learns from: a hash-chosen fraction, up to max_train_bytes."""
     train_cfg, budget, num_docs = cfg.tokenizer_train, cfg.tokenizer_train.max_train_bytes, 0
     stats = SourceStats()
-    texts = source.documents(stats)
-    if cfg.max_documents:
-        texts = (t for i, t in zip(range(cfg.max_documents), texts))
-    for text, digest in DocumentFilter(cfg.filters, stats).apply(texts):
-        if hash_fraction(digest[8:]) >= train_cfg.sample_fraction and num_docs > 0:
+    for text, digest in kept_documents(cfg, source, stats):
+        # The other half of the hash picks the sample, so it is independent of the split.
+        if hash_fraction(digest) < cfg.val_fraction or (hash_fraction(digest[8:]) >= train_cfg.sample_fraction and num_docs > 0):
             continue
         num_docs += 1
         yield text
@@ -127,11 +131,8 @@ def train_tokenizer(cfg: PrepareConfig, out_dir: Path, source: Source | None = N
 
 
 def _batches(cfg: PrepareConfig, source: Source, acct: Accounting) -> Iterator[tuple[list[str], list[bool]]]:
-    texts = source.documents(acct.stats)
-    if cfg.max_documents:
-        texts = (t for i, t in zip(range(cfg.max_documents), texts))
     batch, is_val, num_chars = [], [], 0
-    for text, digest in DocumentFilter(cfg.filters, acct.stats).apply(texts):
+    for text, digest in kept_documents(cfg, source, acct.stats):
         batch.append(text)
         is_val.append(hash_fraction(digest) < cfg.val_fraction)
         num_chars += len(text)
