@@ -106,3 +106,16 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     with pytest.raises(UserError) as e:
         list(resolve_source(str(src)).documents(SourceStats()))
     assert e.value.where == f"{src}:2" and e.value.what.startswith("malformed JSON line")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["downloaded", "streaming"])
+def test_hub_reader_with_a_local_dataset_folder(streaming, tmp_path, tiny_tokenizer):
+    """The hub path (`datasets.load_dataset`), exercised offline on a folder of jsonl files."""
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "train.jsonl", DOCS)
+    source = resolve_source(f"hf:{tmp_path / 'corpus'}", streaming=streaming)
+    assert source.kind == "hub"
+    stats = SourceStats()
+    assert list(source.documents(stats)) == DOCS and stats.num_documents_read == len(DOCS)
+    texts = prepared_texts(f"hf:{tmp_path / 'corpus'}", tmp_path / "out", tiny_tokenizer, streaming=streaming)
+    assert texts == DOCS
