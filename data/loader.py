@@ -54,18 +54,18 @@ class TokenStream:
         shards = manifest.shards(split)
         self.names = [s.name for s in shards]
         self.index_names = [s.index_name for s in shards]
-        sizes = np.array([s.num_tokens for s in shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # (num_shards + 1,) stream offset of each shard
+        self.sizes = np.array([s.num_tokens for s in shards], dtype=np.int64)  # (num_shards,)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])  # (num_shards + 1,) stream offset of each shard
         self.num_tokens = int(self.starts[-1])
         self._pid, self._maps, self._doc_starts = None, None, None
 
     def _open(self) -> None:
         # Memmaps are opened per process: pickling one to a DataLoader worker would copy the data.
+        # Plain ndarray views: slicing them skips np.memmap's per-slice Python overhead. The
+        # indexes stay on disk too, so memory does not grow with the number of documents.
         if self._pid != os.getpid():
-            # Plain ndarray views of the maps: slicing them skips np.memmap's per-slice Python overhead.
             self._maps = [np.memmap(self.dir / n, dtype=self.dtype, mode="r").view(np.ndarray) for n in self.names]
-            offsets = [np.fromfile(self.dir / n, dtype=INDEX_DTYPE)[:-1] + int(s) for n, s in zip(self.index_names, self.starts)]
-            self._doc_starts = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)  # (num_docs,) stream offsets
+            self._doc_starts = [np.memmap(self.dir / n, dtype=INDEX_DTYPE, mode="r").view(np.ndarray)[:-1] for n in self.index_names]
             self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -73,33 +73,43 @@ class TokenStream:
 
     def read_rows(self, starts: np.ndarray, tokens: np.ndarray, doc_starts: np.ndarray) -> None:
         """Row i of `tokens` (rows, length) = stream[starts[i] : starts[i] + length]; `doc_starts` (rows, length)
-        gets True where a document begins. One slice copy per row, no per-token Python."""
+        gets True where a document begins. One slice copy per row (or per shard piece), no per-token Python."""
         self._open()
-        length = tokens.shape[1]
-        shard = np.searchsorted(self.starts, starts, side="right") - 1  # (rows,) shard of each row's first token
-        local = starts - self.starts[shard]
-        room = self.starts[shard + 1] - starts  # tokens left in that shard
-        for i in range(len(starts)):
-            if room[i] >= length:
-                tokens[i] = self._maps[shard[i]][local[i] : local[i] + length]
-            else:  # the window crosses one or more shard ends
-                self._read_across(int(starts[i]), tokens[i])
-        lo = np.searchsorted(self._doc_starts, starts)
-        hi = np.searchsorted(self._doc_starts, starts + length)
-        counts = hi - lo
-        rows = np.repeat(np.arange(len(starts)), counts)
-        which = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
-        doc_starts[rows, self._doc_starts[which] - starts[rows]] = True
+        rows, shards, lo, hi, at = self._pieces(starts, tokens.shape[1])
+        for r, k, a, b, o in zip(rows.tolist(), shards.tolist(), lo.tolist(), hi.tolist(), at.tolist()):
+            tokens[r, o : o + b - a] = self._maps[k][a:b]
+        if (shards == shards[0]).all():
+            self._mark_doc_starts(int(shards[0]), rows, lo, hi, at, doc_starts)
+            return
+        for k in np.unique(shards):
+            sel = shards == k
+            self._mark_doc_starts(int(k), rows[sel], lo[sel], hi[sel], at[sel], doc_starts)
 
-    def _read_across(self, start: int, out: np.ndarray) -> None:
-        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
-        done = 0
-        while done < len(out):
-            lo = start + done - int(self.starts[shard])
-            n = min(len(out) - done, int(self.starts[shard + 1]) - (start + done))
-            out[done : done + n] = self._maps[shard][lo : lo + n]
-            done += n
-            shard += 1
+    def _pieces(self, starts: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
+        """(row, shard, local start, local end, offset in row) of the shard pieces covering each row's window."""
+        shard = np.searchsorted(self.starts, starts, side="right") - 1
+        lo = starts - self.starts[shard]
+        hi = np.minimum(lo + length, self.sizes[shard])
+        pieces = [(np.arange(len(starts)), shard, lo, hi, np.zeros(len(starts), dtype=np.int64))]
+        crossing = np.nonzero(hi - lo < length)[0]
+        if len(crossing) == 0:
+            return pieces[0]
+        for r in crossing:  # rare: a window that crosses shard ends
+            done, k = int(hi[r] - lo[r]), int(shard[r]) + 1
+            while done < length:
+                n = min(length - done, int(self.sizes[k]))
+                pieces.append(tuple(np.array([v]) for v in (r, k, 0, n, done)))
+                done, k = done + n, k + 1
+        return tuple(np.concatenate(parts).astype(np.int64) for parts in zip(*pieces))
+
+    def _mark_doc_starts(self, shard: int, rows, lo, hi, at, out: np.ndarray) -> None:
+        """Set out[row, at + p - lo] for every document start p of `shard` in [lo, hi), piece by piece."""
+        index = self._doc_starts[shard]  # (num_docs,) local offsets of document starts
+        first, last = np.searchsorted(index, lo), np.searchsorted(index, hi)
+        counts = last - first
+        piece = np.repeat(np.arange(len(rows)), counts)
+        which = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + first[piece]
+        out[rows[piece], at[piece] + index[which] - lo[piece]] = True
 
 
 class TokenLoader:
