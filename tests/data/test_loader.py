@@ -23,7 +23,7 @@ SEQ, GLOBAL_BATCH = 16, 8
 @pytest.fixture
 def two_sources(prepare_docs):
     """Two datasets sharing one tokenizer, of very different sizes (the small one repeats many times)."""
-    big = prepare_docs(make_docs(200, seed=1), name="prose")
+    big = prepare_docs(make_docs(200, seed=1), name="prose", shard_tokens=1024)  # many shards: windows cross shard ends
     small = prepare_docs(make_docs(15, seed=2, max_words=20), name="code")
     return [big, small], [0.7, 0.3]
 
@@ -180,3 +180,23 @@ def test_chunk_permutation_is_a_bijection(n):
     if n > 1000:  # well shuffled: neither a shift nor a near-identity
         assert abs(np.corrcoef(np.arange(n), out)[0, 1]) < 0.1
         assert np.mean(np.abs(np.diff(out)) == 1) < 0.01
+
+
+@pytest.mark.parametrize("length", [17, 1000, 3000])
+def test_windows_across_shard_ends_match_the_flat_stream(two_sources, length):
+    from ember.data.loader import TokenStream
+
+    d = two_sources[0][0]
+    m = read_manifest(d)
+    assert len(m.shards("train")) > 3
+    docs = read_split_documents(d, "train")
+    flat = np.array([t for doc in docs for t in doc])
+    first_tokens = np.cumsum([0] + [len(doc) for doc in docs])[:-1]
+    stream = TokenStream(m, "train")
+    starts = np.arange(0, len(flat) - length, 97, dtype=np.int64)
+    tokens = np.empty((len(starts), length), dtype=np.int64)
+    doc_starts = np.zeros((len(starts), length), dtype=bool)
+    stream.read_rows(starts, tokens, doc_starts)
+    for i, a in enumerate(starts):
+        assert np.array_equal(tokens[i], flat[a : a + length])
+        assert np.array_equal(doc_starts[i], np.isin(np.arange(a, a + length), first_tokens))
