@@ -111,18 +111,26 @@ def load_tokenizer(path: str | Path):
 def install_tokenizer(spec: str, out_dir: Path, eos_token: str) -> Path:
     """Put the tokenizer named by `spec` into `out_dir` as an HF directory, byte for byte where possible."""
     src = Path(spec)
-    tok = load_tokenizer(spec)  # validates before anything is copied
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if src.is_dir() and (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:  # validate with tokenizers alone: importing transformers would dominate a small prepare
+            Tokenizer.from_file(str(src / "tokenizer.json"))
+        except Exception as e:
+            raise UserError(f"cannot load tokenizer: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+                            str(src / "tokenizer.json")) from None
+        out_dir.mkdir(parents=True, exist_ok=True)
         # Byte copy keeps the fingerprint equal to the source's, so datasets sharing it agree.
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, out_dir / name)
         return out_dir
+    tok = load_tokenizer(spec)
     if tok.eos_token is None:
         if tok.convert_tokens_to_ids(eos_token) in (None, tok.unk_token_id):
             raise UserError(f"the tokenizer has no eos_token and no '{eos_token}' token; set eos_token", spec)
         tok.eos_token = eos_token
+    out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(out_dir))
     return out_dir

@@ -199,3 +199,14 @@ def test_verify_names_missing_and_corrupt_files(prepare_docs):
         read_manifest(out)
     (out / "manifest.json").write_text("{not json")
     assert verify_dataset(out)[1][0].startswith("manifest.json: unreadable")
+
+
+def test_a_broken_tokenizer_directory_is_one_clear_error(tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "nonsense"}}')
+    src = write_jsonl(tmp_path / "d.jsonl", make_docs(5))
+    cfg = PrepareConfig(source=str(src), output_dir=tmp_path / "out", tokenizer=str(tmp_path / "tok"), num_proc=1)
+    with pytest.raises(UserError) as e:
+        prepare(cfg, show_progress=False)
+    assert e.value.what.startswith("cannot load tokenizer") and e.value.where == str(tmp_path / "tok" / "tokenizer.json")
+    assert not (tmp_path / "out").exists()
