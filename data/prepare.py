@@ -179,7 +179,7 @@ def _clean_stale_temporaries(out: Path) -> None:
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):  # an empty directory is replaced silently
         return
     if not overwrite:
         raise UserError("output directory already exists; pass --overwrite to replace it", str(out))

@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     pp = data_sub.add_parser("prepare", help="tokenise a source into token shards with a manifest",
-                             description="Read a source, tokenise it in parallel and write shards + manifest.json atomically.")
+                             description="Read a source, tokenise it in parallel and write shards + manifest.json atomically.",
+                             epilog="Config fields: `ember config fields --kind data`.")
     pp.add_argument("config", help="data-prepare YAML or preset name in configs/data/ (e.g. stdlib)")
     pp.add_argument("--overwrite", action="store_true", help="replace an existing dataset at output_dir")
     pp.add_argument("--quiet", action="store_true", help="no progress bar and no summary table")

@@ -210,3 +210,9 @@ def test_a_broken_tokenizer_directory_is_one_clear_error(tmp_path):
         prepare(cfg, show_progress=False)
     assert e.value.what.startswith("cannot load tokenizer") and e.value.where == str(tmp_path / "tok" / "tokenizer.json")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_output_directory_is_filled_without_overwrite(prepare_docs, tmp_path):
+    (tmp_path / "ds").mkdir()
+    out = prepare_docs(make_docs(20), name="ds")
+    assert read_manifest(out).num_documents("train") + read_manifest(out).num_documents("val") == 20
