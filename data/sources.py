@@ -174,34 +174,37 @@ def _text_of(record, text_field: str, where: str, stats: SourceStats) -> str | N
 
 
 def _read_json(path: Path, text_field: str, stats: SourceStats) -> Iterator[str]:
-    with _open_binary(path) as f:
-        data = f.read()
-    if data.lstrip()[:1] == b"[":  # one JSON array of records
-        try:
-            records = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"malformed JSON: {e}", str(path)) from None
-        for i, record in enumerate(records):
+    with io.BufferedReader(_open_binary(path), buffer_size=1 << 20) as f:
+        if f.peek(4096).lstrip()[:1] == b"[":  # one JSON array of records: read whole
+            yield from _read_json_array(path, f.read(), text_field, stats)
+            return
+        for line_no, line in enumerate(f, 1):  # JSON lines: streamed, any file size
+            if not line.strip():
+                continue
             stats.num_documents_read += 1
-            text = _text_of(record, text_field, f"{path}: record {i}", stats)
+            stats.num_bytes_read += len(line)
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                stats.drop("undecodable")
+                continue
+            except json.JSONDecodeError as e:
+                raise UserError(f"malformed JSON line: {e.msg} at column {e.colno}", f"{path}:{line_no}") from None
+            text = _text_of(record, text_field, f"{path}:{line_no}", stats)
             if text is not None:
-                stats.num_bytes_read += len(text)
                 yield text
-        return
-    for line_no, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
+
+
+def _read_json_array(path: Path, data: bytes, text_field: str, stats: SourceStats) -> Iterator[str]:
+    try:
+        records = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"malformed JSON: {e}", str(path)) from None
+    for i, record in enumerate(records):
         stats.num_documents_read += 1
-        stats.num_bytes_read += len(line)
-        try:
-            record = json.loads(line)
-        except UnicodeDecodeError:
-            stats.drop("undecodable")
-            continue
-        except json.JSONDecodeError as e:
-            raise UserError(f"malformed JSON line: {e.msg} at column {e.colno}", f"{path}:{line_no}") from None
-        text = _text_of(record, text_field, f"{path}:{line_no}", stats)
+        text = _text_of(record, text_field, f"{path}: record {i}", stats)
         if text is not None:
+            stats.num_bytes_read += len(text)
             yield text
 
 
