@@ -118,3 +118,13 @@ def test_cli_backends_match_single_process_for_20_steps(cli_config, backend):
     assert single[CLI_STEPS] < single[1] - 0.3  # it learns
     for step in single:
         assert abs(parallel[step] - single[step]) <= REL_TOL * abs(single[step]), f"{backend} step {step}"
+
+
+def test_compiled_checkpointed_fsdp_blocks_keep_the_losses():
+    # The one CPU test with torch.compile (~40 s of compilation): compile per block, then every 2nd block
+    # checkpointed, then sharded, must still train like the plain single process.
+    single, _ = standard_runs()
+    ranks = launch(2, "fsdp", "--steps", "2", "--compile", "--ac-every", "2")
+    for result in (rank[0] for rank in ranks):
+        assert result["checkpointed_blocks"] == 1
+        assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), "compiled fsdp")

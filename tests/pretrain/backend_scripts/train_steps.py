@@ -36,7 +36,8 @@ def make_config(args, backend: str, zero_stage: int) -> RunConfig:
         "train": {"backend": backend, "zero_stage": zero_stage, "seq_len": args.seq_len,
                   "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch,
                   "lr": 3e-3, "grad_clip": args.grad_clip, "precision": "fp32",
-                  "activation_checkpointing": args.ac_every > 0, "ac_every": max(args.ac_every, 1)},
+                  "activation_checkpointing": args.ac_every > 0, "ac_every": max(args.ac_every, 1),
+                  "compile": args.compile, "cpu_offload": args.cpu_offload},
     }, RunConfig)
 
 
@@ -171,6 +172,8 @@ def main() -> None:
     parser.add_argument("--grad-clip", type=float, default=0.5)
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--ac-every", type=int, default=0, help="activation checkpointing every k-th block (0: off)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--cpu-offload", action="store_true")
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--ckpt-root", default="")
     parser.add_argument("--round-trip", action="store_true")
