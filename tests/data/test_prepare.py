@@ -216,3 +216,23 @@ def test_an_empty_output_directory_is_filled_without_overwrite(prepare_docs, tmp
     (tmp_path / "ds").mkdir()
     out = prepare_docs(make_docs(20), name="ds")
     assert read_manifest(out).num_documents("train") + read_manifest(out).num_documents("val") == 20
+
+
+def test_tokenizer_training_sample(tmp_path):
+    from ember.data.prepare import tokenizer_training_texts
+    from ember.data.sources import resolve_source
+
+    docs = make_docs(400, seed=30)
+    src = write_jsonl(tmp_path / "d.jsonl", docs)
+
+    def sample(**fields):
+        cfg = PrepareConfig(source=str(src), output_dir=tmp_path / "unused", **fields)
+        return list(tokenizer_training_texts(cfg, resolve_source(str(src))))
+
+    every_train_doc = sample(val_fraction=0.2)
+    assert every_train_doc == [d for d in docs if expected_split(d, 0.2) == "train"]  # never a val document
+    quarter = sample(val_fraction=0.2, tokenizer_train={"sample_fraction": 0.25})
+    assert set(quarter) < set(every_train_doc) and 0.15 < len(quarter) / len(every_train_doc) < 0.35
+    assert quarter == sample(val_fraction=0.2, tokenizer_train={"sample_fraction": 0.25})
+    capped = sample(val_fraction=0.2, tokenizer_train={"max_train_bytes": 2000})
+    assert capped == every_train_doc[: len(capped)] and sum(map(len, capped[:-1])) < 2000 <= sum(map(len, capped))
