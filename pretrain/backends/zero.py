@@ -155,7 +155,7 @@ class DeepSpeedBackend(Backend):
     def load(self, ckpt_dir: Path) -> None:
         if not (Path(ckpt_dir) / CHECKPOINT_TAG).is_dir():
             raise UserError(f"no DeepSpeed checkpoint (folder {CHECKPOINT_TAG!r}) in {ckpt_dir}", str(ckpt_dir))
-        with weights_only_torch_load():
+        with weights_only_torch_load(ckpt_dir):
             path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
@@ -225,6 +225,6 @@ def load_full_weights_zero(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Offline: consolidate the fp32 master weights of a ZeRO checkpoint (any stage) in this process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only_torch_load():
+    with weights_only_torch_load(ckpt_dir):
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
     return {name: t.to(torch.float32) for name, t in state.items()}

@@ -167,3 +167,23 @@ def test_tied_embeddings_shard_and_load_back():
             assert abs(got - want) <= 1e-4 * want, result["backend"]
         full = load_full_weights(workdir() / "tied" / result["backend"].replace(":", "_"))
         assert torch.equal(full["lm_head.weight"], full["model.embed_tokens.weight"])
+
+
+class Payload:
+    """Stands for any class a tampered checkpoint could make the unpickler build."""
+
+
+def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
+    from ember.pretrain.backends.safe_load import weights_only_torch_load
+
+    original = torch.load
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    torch.save({"w": torch.ones(2), "extra": Payload()}, bad)
+    with weights_only_torch_load(tmp_path):
+        # DeepSpeed passes weights_only=False; it is overridden.
+        assert torch.equal(torch.load(good, weights_only=False)["w"], torch.ones(2))
+    with pytest.raises(UserError, match="Payload"):
+        with weights_only_torch_load(tmp_path):
+            torch.load(bad, weights_only=False)
+    assert torch.load is original  # restored, also after the error
