@@ -139,6 +139,21 @@ def _reset_rotary_buffers(model: nn.Module) -> None:
             model._init_weights(module)
 
 
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`to_empty` for a meta model that will be *loaded* rather than initialised (exports, offline evaluation).
+
+    Two things `to_empty` gets wrong for HF models, fixed here: non-persistent buffers (RoPE inverse
+    frequencies, absent from state dicts) hold uninitialised memory, and tied weights come back as two separate
+    parameters (the output head would no longer follow the embedding). Weights stay uninitialised: load them next.
+    """
+    model.to_empty(device=device)
+    _clear_hf_init_flags(model)
+    _reset_rotary_buffers(model)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
 def init_weights(model: nn.Module, model_cfg: ModelConfig, seed: int) -> None:
     """Deterministic full init of a materialised, non-sharded model (same seed -> bit-identical weights).
 

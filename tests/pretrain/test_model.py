@@ -138,3 +138,21 @@ def test_init_refuses_meta_model():
     cfg = tiny()
     with pytest.raises(ValueError, match="materialised"):
         init_weights(build_meta_model(cfg), cfg, 0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_materialize_fixes_buffers_and_ties_for_loading(tie):
+    from ember.pretrain.model import materialize
+
+    cfg = tiny(tie_embeddings=tie)
+    reference = materialised(cfg, 3)
+    plain = build_meta_model(cfg)
+    plain.to_empty(device="cpu")
+    # the pitfall materialize exists for: to_empty unties shared weights
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight
+    loaded = materialize(build_meta_model(cfg), "cpu")
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    loaded.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens).logits, reference(input_ids=tokens).logits)
