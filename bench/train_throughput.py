@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,18 +60,25 @@ def prepare_data(args: argparse.Namespace, data_dir: Path) -> None:
     subprocess.run(cmd, check=True, env=thread_env(args.threads), cwd=REPO)
 
 
+def child_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_ember(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
     """One `ember pretrain` process; returns its per-step tokens/s (after warm-up) and losses."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run dir with checkpoints would resume instead of training
     sets = [x for o in ember_overrides(args, data_dir, run_dir) for x in ("--set", o)]
     cmd = [sys.executable, "-m", "ember", "pretrain", str(TINY), *sets]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), child_cpu_seconds()
     proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"ember pretrain failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r["kind"] == "train"]
     return {"tokens_per_s": [r["tokens_per_s"] for r in train if r["step"] > args.warmup],
-            "losses": [r["loss"] for r in train], "wall_s": time.perf_counter() - started}
+            "losses": [r["loss"] for r in train], "wall_s": time.perf_counter() - started,
+            "cpu_s": child_cpu_seconds() - cpu}
 
 
 def run_trainer(args: argparse.Namespace, data_dir: Path, out_dir: Path) -> dict:
@@ -78,11 +87,11 @@ def run_trainer(args: argparse.Namespace, data_dir: Path, out_dir: Path) -> dict
     result.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--trainer-worker", str(result), "--data-dir", str(data_dir), "--work-dir", str(out_dir),
            *(f"--{k.replace('_', '-')}={v}" for k, v in worker_args(args).items())]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), child_cpu_seconds()
     proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=REPO, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"Trainer run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started}
+    return {**json.loads(result.read_text()), "wall_s": time.perf_counter() - started, "cpu_s": child_cpu_seconds() - cpu}
 
 
 def worker_args(args: argparse.Namespace) -> dict:
@@ -158,7 +167,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def summarise(rounds: list[dict]) -> dict:
+def summarise(rounds: list[dict], threads: int) -> dict:
     """Per round: the median and the 90th percentile of per-step tokens/s; the best round counts.
 
     On a machine shared with other work, slow steps measure the neighbours: the 90th percentile is the speed
@@ -168,7 +177,9 @@ def summarise(rounds: list[dict]) -> dict:
     medians = [statistics.median(r["tokens_per_s"]) for r in rounds]
     best = max(range(len(rounds)), key=lambda i: p90[i])
     return {"tokens_per_s": p90[best], "median_tokens_per_s": medians[best], "rounds_p90": p90, "rounds_median": medians,
-            "first_loss": rounds[best]["losses"][0], "last_loss": rounds[best]["losses"][-1], "wall_s": rounds[best]["wall_s"]}
+            "first_loss": rounds[best]["losses"][0], "last_loss": rounds[best]["losses"][-1], "wall_s": rounds[best]["wall_s"],
+            # CPU time over wall time of the whole process: well below threads x 100% means other work took the cores.
+            "cpu_share": rounds[best]["cpu_s"] / (rounds[best]["wall_s"] * threads)}
 
 
 def main() -> None:
@@ -215,20 +226,20 @@ def main() -> None:
 
     cfg = load_config(TINY, RunConfig, ember_overrides(args, data_dir, work / "unused"))
     per_token = flops_per_token(cfg.model, args.seq_len)
-    results = {"ember": summarise(ember_rounds), "trainer": summarise(trainer_rounds)}
+    results = {"ember": summarise(ember_rounds, args.threads), "trainer": summarise(trainer_rounds, args.threads)}
     ratio = results["ember"]["tokens_per_s"] / results["trainer"]["tokens_per_s"]
     print(f"\nmodel: {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocab {cfg.model.vocab_size}, "
           f"{count_params(cfg.model)['total']:,} params, fp32; batch {args.batch} x {args.seq_len} tokens, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.threads} thread(s), {args.rounds} round(s)")
     print(f"FLOPs per token {per_token / 1e6:.2f} M; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'engine':12s} {'tokens/s p90':>12s} {'MFU p90':>8s} {'median':>8s} {'MFU med':>8s} {'rounds p90 / median':>24s}  loss first -> last")
+    print(f"{'engine':12s} {'tokens/s p90':>12s} {'MFU p90':>8s} {'median':>8s} {'MFU med':>8s} {'rounds p90 / median':>24s} {'CPU share':>9s}  loss first -> last")
     for name, label in (("ember", "ember"), ("trainer", "HF Trainer")):
         r = results[name]
         r["mfu"] = r["tokens_per_s"] * per_token / peak
         r["median_mfu"] = r["median_tokens_per_s"] * per_token / peak
         rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rounds_p90"], r["rounds_median"]))
         print(f"{label:12s} {r['tokens_per_s']:12.1f} {r['mfu']:8.1%} {r['median_tokens_per_s']:8.1f} {r['median_mfu']:8.1%} "
-              f"{rounds:>24s}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+              f"{rounds:>24s} {r['cpu_share']:9.0%}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
     median_ratio = results["ember"]["median_tokens_per_s"] / results["trainer"]["median_tokens_per_s"]
     print(f"median tokens/s ratio ember / HF Trainer: {median_ratio:.2f}x")
     (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "median_ratio": median_ratio, "peak_flops": peak,
