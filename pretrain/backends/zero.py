@@ -20,8 +20,10 @@ from torch import nn
 from ember.errors import UserError
 from ember.pretrain.backends.base import Backend, accumulation_steps, resolve_autocast_dtype
 from ember.pretrain.backends.safe_load import weights_only_torch_load
+from ember.pretrain.backends.parallelize import apply_model_techniques, broadcast_nonpersistent_buffers, build_initialised_model
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.distributed import DistEnv, ensure_process_group
+from ember.pretrain.model import build_meta_model, hf_config
 
 log = logging.getLogger("ember.pretrain.backends.zero")
 
@@ -199,15 +201,43 @@ def share_master_partitions(zero_optimizer) -> None:
     zero_optimizer.lp_param_buffer = torch.empty(0, dtype=masters[0].dtype, device=masters[0].device)
 
 
+def build_partitioned_model(cfg, ds_config: dict, env: DistEnv) -> nn.Module:
+    """ZeRO-3: every parameter is partitioned as it is created, so no rank ever holds the full model on its
+    device; rank 0's full CPU init then fills the partitions one parameter at a time."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(cfg.model)
+    # No `dtype=`: deepspeed.zero.Init ignores a given dtype off-GPU (operator precedence) and would pick bf16;
+    # without one it takes it from the config (bf16 when enabled, else fp32).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation or "sdpa",
+                                                 dtype=torch.float32)
+    apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
+    reference = build_initialised_model(cfg.model, cfg.seed, torch.device("cpu")) if env.rank == 0 else None
+    ref_params = dict(reference.named_parameters()) if reference is not None else {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Gathered whole on every rank for a moment; rank 0's values are scattered back on exit.
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if env.rank == 0:
+                    param.copy_(ref_params[name])
+    broadcast_nonpersistent_buffers(model, reference)
+    return model
+
+
 def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DeepSpeedBackend:
     import deepspeed
 
     _init_deepspeed_comm(env)
-    # DeepSpeed needs real tensors to build its flat buffers, so each rank materialises the full model with the
-    # single-process weights (deterministic init: no broadcast needed); ZeRO-3 partitions it during initialize
-    # and frees the rest, so what stays per rank is 1/world_size of parameters and optimizer state.
-    module = build_local_model(cfg, env.device)
-    ds_config = deepspeed_config(cfg, env.world_size, env.device, sum(p.numel() for p in module.parameters()))
+    num_params = sum(p.numel() for p in build_meta_model(cfg.model).parameters())
+    ds_config = deepspeed_config(cfg, env.world_size, env.device, num_params)
+    if cfg.train.zero_stage == 3:
+        module = build_partitioned_model(cfg, ds_config, env)
+    else:
+        # Stages 1 and 2 keep whole weights on every rank anyway: each builds the single-process weights
+        # (deterministic init, no broadcast needed).
+        module = build_local_model(cfg, env.device)
     optimizer = make_optimizer(module)
     num_groups = len(optimizer.param_groups)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
