@@ -84,11 +84,13 @@ def test_tokenizer_fingerprint_mismatch_is_one_clear_error(cli_dataset, tmp_path
     out = copy_dataset(cli_dataset[0], tmp_path / "ds")
     tok = out / "tokenizer" / "tokenizer.json"
     tok.write_text(tok.read_text().replace('"<|pad|>"', '"<|PAD|>"'))
+    import hashlib
+
+    actual = hashlib.sha256(tok.read_bytes()).hexdigest()[:12]
+    recorded = json.loads((out / "manifest.json").read_text())["tokenizer"]["fingerprint"][:12]
     proc = run_ember("data", "inspect", str(out))
     assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: tokenizer fingerprint mismatch: tokenizer.json hashes to ")
-    assert lines[0].endswith(f"({tok})")
+    assert proc.stderr.strip() == f"error: tokenizer fingerprint mismatch: tokenizer.json hashes to {actual}, manifest says {recorded} ({tok})"
 
 
 def test_inspect_prints_summary_histogram_and_samples(cli_dataset):
