@@ -94,7 +94,9 @@ class Metrics:
                  f"{100 * mfu:.1f}%" if mfu is not None else "n/a", seconds / steps, human(record["peak_mem_bytes"]) + "B")
         return record
 
-    def log_eval(self, step: int, val_loss: float) -> dict:
+    def log_eval(self, step: int, val_loss: float | None) -> dict | None:
+        if val_loss is None:  # no validation split
+            return None
         val_ppl = math.exp(val_loss) if val_loss < 700 else math.inf
         record = {"kind": "eval", "step": step, "val_loss": finite_or_none(val_loss), "val_ppl": finite_or_none(val_ppl), "time": time.time()}
         self.write(record)

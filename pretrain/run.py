@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +52,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(cfg, rank: int) -> list[Path]:
-    """Dataset directories of the mixture: rank 0 prepares what is missing while the others wait."""
+@dataclass
+class RunData:
+    """The run's prepared datasets: where they are, their manifests, and loaders over them."""
+
+    cfg: object
+    dirs: list[Path]
+    manifests: list
+
+    @property
+    def weights(self) -> list[float]:
+        return [entry.weight for entry in self.cfg.data.datasets]
+
+    @property
+    def has_val(self) -> bool:
+        return all(m.num_tokens("val") > self.cfg.train.seq_len for m in self.manifests)
+
+    @property
+    def token_ids(self) -> dict[str, int]:
+        """bos/eos/pad ids for the HF export; these tokenizers have no bos: documents are separated by eos."""
+        eos, pad = self.manifests[0].eos_id, self.manifests[0].pad_id
+        return {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": eos if pad is None else pad}
+
+    def loader(self, split: str, global_batch_size: int, backend, num_workers: int = 0):
+        from ember.data.loader import build_loader
+
+        return build_loader(self.dirs, self.weights, split=split, seq_len=self.cfg.train.seq_len, global_batch_size=global_batch_size,
+                            rank=backend.rank, world_size=backend.world_size, seed=self.cfg.seed, num_workers=num_workers)
+
+
+def prepare_data(cfg, rank: int) -> RunData:
+    """The mixture's datasets: rank 0 prepares what is missing while the others wait; vocabularies checked."""
+    from ember.data.manifest import read_manifest
     from ember.data.prepare import ensure_prepared
 
     dirs = [ensure_prepared(entry) for entry in cfg.data.datasets] if rank == 0 else None
     distributed.barrier()
-    return dirs or [ensure_prepared(entry) for entry in cfg.data.datasets]
-
-
-def check_vocab(cfg, manifests) -> None:
+    dirs = dirs or [ensure_prepared(entry) for entry in cfg.data.datasets]
+    manifests = [read_manifest(d) for d in dirs]
     largest = max(m.vocab_size for m in manifests)
     if cfg.model.vocab_size < largest:
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the dataset vocabulary ({largest} tokens)",
                         "model.vocab_size")
+    return RunData(cfg, dirs, manifests)
+
+
+def setup_run_dir(cfg, rank: int) -> str:
+    """Create run_dir, log this rank there, save the resolved config (rank 0); returns the config YAML."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    add_log_file(run_dir)
+    config_yaml = to_yaml(cfg)
+    if rank == 0:
+        write_atomically(run_dir / "config.yaml", config_yaml)
+    return config_yaml
 
 
 def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metrics:
@@ -78,75 +119,74 @@ def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metri
                    peak_flops=device_peak_flops(backend.device, dtype), resume_step=resume_step)
 
 
+def resume(checkpoints: CheckpointManager, loader, enabled: bool) -> LoopState:
+    """The loop state of the newest valid checkpoint (weights, optimizer, RNG and loader restored), or a fresh one."""
+    newest = checkpoints.newest() if enabled else None
+    if newest is None:
+        return LoopState()
+    saved = checkpoints.load(newest)
+    loader.load_state_dict(saved["loader"])
+    return LoopState(**{k: saved[k] for k in LoopState().to_dict()})
+
+
+def export_final(cfg, backend, data: RunData) -> Path | None:
+    """Write run_dir/hf from the live weights (collective); its path on rank 0."""
+    from ember.pretrain.export import write_hf_export
+
+    full = backend.full_state_dict()
+    out = None
+    if backend.rank == 0:
+        out = write_hf_export(full, cfg.model, Path(cfg.run_dir) / "hf", tokenizer_dir=data.manifests[0].tokenizer_dir,
+                              token_ids=data.token_ids)
+    backend.barrier()
+    return out
+
+
 def pretrain(cfg) -> dict:
     """Train `cfg` (a RunConfig) to `train.max_steps` (resuming when run_dir holds checkpoints); returns the summary."""
-    from ember.data.loader import build_loader
-    from ember.data.manifest import read_manifest
     from ember.pretrain.backends import build_backend
 
-    started = time.time()
+    started, t = time.time(), cfg.train
     env = distributed.init_distributed()
-    t = cfg.train
-    num_micro = accumulation_steps(t, env.world_size)
+    num_micro = accumulation_steps(t, env.world_size)  # before anything is written: a bad batch is a user error
     global_batch = t.global_batch_sequences(env.world_size)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    add_log_file(run_dir)
-    config_yaml = to_yaml(cfg)
-    if env.rank == 0:
-        write_atomically(run_dir / "config.yaml", config_yaml)
+    config_yaml = setup_run_dir(cfg, env.rank)
     seed_everything(cfg.seed)
-
-    dataset_dirs = prepare_data(cfg, env.rank)
-    manifests = [read_manifest(d) for d in dataset_dirs]
-    check_vocab(cfg, manifests)
-    weights = [entry.weight for entry in cfg.data.datasets]
+    data = prepare_data(cfg, env.rank)
+    if not data.has_val:
+        log.warning("a dataset has no validation split (prepared with val_fraction 0): no evaluation")
 
     backend = build_backend(cfg, lambda model: build_optimizer(model, t))
-    token_ids = {"eos_token_id": manifests[0].eos_id, "bos_token_id": manifests[0].eos_id,
-                 "pad_token_id": manifests[0].pad_id if manifests[0].pad_id is not None else manifests[0].eos_id}
-    checkpoints = CheckpointManager(run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml,
-                                    config_digest=config_hash(cfg), tokenizer_dir=manifests[0].tokenizer_dir, token_ids=token_ids)
-    loader = build_loader(dataset_dirs, weights, split="train", seq_len=t.seq_len, global_batch_size=global_batch,
-                          rank=backend.rank, world_size=backend.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
-    state = LoopState()
-    newest = checkpoints.newest() if t.resume else None
-    if newest is not None:
-        saved = checkpoints.load(newest)
-        loader.load_state_dict(saved["loader"])
-        state = LoopState(**{k: saved[k] for k in LoopState().to_dict()})
-    start_step = state.step
+    try:
+        checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml, config_digest=config_hash(cfg),
+                                        tokenizer_dir=data.manifests[0].tokenizer_dir, token_ids=data.token_ids)
+        loader = data.loader("train", global_batch, backend, cfg.data.num_workers)
+        state = resume(checkpoints, loader, t.resume)
+        start_step = state.step
+        metrics = build_metrics(cfg, backend, global_batch * t.seq_len, resume_step=start_step)
 
-    def run_eval() -> float:
-        val = build_loader(dataset_dirs, weights, split="val", seq_len=t.seq_len, global_batch_size=t.micro_batch_size * backend.world_size,
-                           rank=backend.rank, world_size=backend.world_size, seed=cfg.seed, num_workers=0)
-        return evaluate(backend, val, t.eval_batches)
+        def run_eval() -> float | None:
+            # A fresh loader each time: every evaluation reads the same validation batches.
+            if not data.has_val:
+                return None
+            return evaluate(backend, data.loader("val", t.micro_batch_size * backend.world_size, backend), t.eval_batches)
 
-    metrics = build_metrics(cfg, backend, global_batch * t.seq_len, resume_step=start_step)
-    log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
-             cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)
-    train_started = time.time()
-    state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
-                  checkpoints=checkpoints, metrics=metrics)
-    train_seconds = time.time() - train_started
-
-    finished = state.step >= t.max_steps
-    hf_dir = None
-    if finished and t.export_hf:
-        from ember.pretrain.export import write_hf_export
-
-        full = backend.full_state_dict()  # collective
-        if backend.rank == 0:
-            hf_dir = write_hf_export(full, cfg.model, run_dir / "hf", tokenizer_dir=manifests[0].tokenizer_dir, token_ids=token_ids)
-        backend.barrier()
-    summary = {"step": state.step, "finished": finished, "steps_this_run": state.step - start_step, "resumed_from": start_step,
-               "loss": metrics.last_train.get("loss"), "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps, "train_seconds": train_seconds,
-               "wall_seconds": time.time() - started, "hf_dir": str(hf_dir or run_dir / "hf") if finished and t.export_hf else None,
-               "run_dir": str(run_dir)}
+        log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
+                 cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)
+        train_started = time.time()
+        state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
+                      checkpoints=checkpoints, metrics=metrics)
+        train_seconds = time.time() - train_started
+        finished = state.step >= t.max_steps
+        hf_dir = export_final(cfg, backend, data) if finished and t.export_hf else None
+    finally:
+        backend.close()
+    summary = {"step": state.step, "finished": finished, "resumed_from": start_step, "loss": metrics.last_train.get("loss"),
+               "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
+               "train_seconds": train_seconds, "wall_seconds": time.time() - started, "hf_dir": str(hf_dir) if hf_dir else None,
+               "run_dir": str(cfg.run_dir)}
     metrics.log_summary(summary)
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-    log.info("%s at step %d/%d%s: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s",
-             "finished" if finished else "stopped", state.step, t.max_steps, val, state.tokens_seen, state.skipped_steps,
-             train_seconds, run_dir)
-    backend.close()
+    log.info("%s at step %d/%d%s: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s", "finished" if finished else "stopped",
+             state.step, t.max_steps, val, state.tokens_seen, state.skipped_steps, train_seconds, cfg.run_dir)
     return summary
