@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -44,7 +43,7 @@ class TrainConfig(Section):
     backend: Literal["single", "ddp", "fsdp", "deepspeed"] = Field("single", description="parallel backend")
     zero_stage: Literal[1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage (backend=deepspeed)")
     seq_len: int = Field(256, gt=0, description="tokens per training sequence")
-    global_batch_size: int | None = Field(None, gt=0, description="sequences per optimiser step over all ranks (or give global_batch_tokens; neither: micro_batch_size x world size)")
+    global_batch_size: int | None = Field(None, gt=0, description="sequences per optimiser step, all ranks (or global_batch_tokens; neither: micro_batch_size x world size)")
     global_batch_tokens: int | None = Field(None, gt=0, description="tokens per optimiser step over all ranks; must be a multiple of seq_len")
     micro_batch_size: int = Field(8, gt=0, description="sequences per rank per forward/backward; accumulation makes up the rest")
     max_steps: int = Field(100, gt=0, description="optimiser steps to train")

@@ -6,7 +6,6 @@ setup (run dir, config.yaml, logs, seed, data, backend) -> resume -> loop -> exp
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass

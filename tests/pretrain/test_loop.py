@@ -77,3 +77,29 @@ def test_accumulation_is_derived_from_the_global_batch():
     with pytest.raises(UserError, match="micro_batch_size") as e:
         accumulation_steps(TrainConfig(global_batch_size=12, micro_batch_size=4), world_size=2)
     assert "train.global_batch_size" in e.value.where
+
+
+def test_loss_is_fp32_cross_entropy_plus_the_z_loss():
+    import torch
+
+    from ember.pretrain.step import causal_lm_loss
+
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # (batch, seq, vocab)
+    labels = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    loss, ce = causal_lm_loss(logits, labels, z_loss=0.0)
+    assert loss.dtype == ce.dtype == torch.float32 and loss is ce
+    expected_ce = torch.nn.functional.cross_entropy(logits.float().view(-1, 11), labels.view(-1))
+    assert torch.equal(ce, expected_ce)
+    loss, ce = causal_lm_loss(logits, labels, z_loss=1e-2)
+    log_z = torch.logsumexp(logits.float().view(-1, 11), dim=-1)
+    torch.testing.assert_close(loss, expected_ce + 1e-2 * log_z.pow(2).mean())
+    assert torch.equal(ce, expected_ce)  # the reported loss stays the plain cross-entropy
+
+
+def test_fault_injection_switch_parses_steps_lists_and_ranges(monkeypatch):
+    from ember.pretrain.step import POISON_ENV, poisoned_steps
+
+    monkeypatch.setenv(POISON_ENV, "3, 7-9,12")
+    assert poisoned_steps() == {3, 7, 8, 9, 12}
+    monkeypatch.delenv(POISON_ENV)
+    assert poisoned_steps() == set()
