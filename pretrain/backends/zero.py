@@ -155,8 +155,14 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
 
     def load(self, ckpt_dir: Path) -> None:
-        if not (Path(ckpt_dir) / CHECKPOINT_TAG).is_dir():
+        tag_dir = Path(ckpt_dir) / CHECKPOINT_TAG
+        if not tag_dir.is_dir():
             raise UserError(f"no DeepSpeed checkpoint (folder {CHECKPOINT_TAG!r}) in {ckpt_dir}", str(ckpt_dir))
+        num_saved_ranks = len(list(tag_dir.glob("*optim_states.pt")))
+        if num_saved_ranks != self.world_size:
+            raise UserError(f"this DeepSpeed checkpoint was written by {num_saved_ranks} rank(s) and resumes only on as "
+                            f"many (this run has {self.world_size}); its full weights load anywhere through export",
+                            str(ckpt_dir))
         with weights_only_torch_load(ckpt_dir):
             path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False, load_module_strict=True)

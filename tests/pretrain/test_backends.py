@@ -4,6 +4,7 @@ weight loading from DCP and ZeRO checkpoints, and clear errors."""
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent / "backend_scripts"))
-from backend_runs import ALL_BACKENDS, launch, losses, standard_runs, workdir  # noqa: E402
+from backend_runs import ALL_BACKENDS, SCRIPT, launch, losses, standard_runs, workdir  # noqa: E402
 
 from ember.config import validate
 from ember.errors import UserError
 from ember.pretrain.backends import build_backend, load_full_weights
 from ember.pretrain.backends.base import accumulation_steps
 from ember.pretrain.backends.zero import deepspeed_config
+from ember.pretrain.distributed import DistEnv
 from ember.pretrain.optim import build_optimizer
 from ember.run_config import RunConfig
 
@@ -119,13 +121,9 @@ def test_load_from_a_folder_without_checkpoint_is_a_user_error(single_backend, t
 
 
 def test_single_backend_refuses_several_processes(monkeypatch):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group exists in this test process")
     cfg = run_config(backend="single")
-    monkeypatch.setattr("ember.pretrain.backends.init_distributed",
-                        lambda: __import__("ember.pretrain.distributed", fromlist=["DistEnv"]).DistEnv(0, 2, 0, torch.device("cpu")))
+    # As if torchrun had started 2 processes: rank 0 of 2.
+    monkeypatch.setattr("ember.pretrain.backends.init_distributed", lambda: DistEnv(0, 2, 0, torch.device("cpu")))
     with pytest.raises(UserError, match="single"):
         build_backend(cfg, lambda m: build_optimizer(m, cfg.train))
 
@@ -187,3 +185,14 @@ def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
         with weights_only_torch_load(tmp_path):
             torch.load(bad, weights_only=False)
     assert torch.load is original  # restored, also after the error
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_checkpoint_on_another_world_size_is_a_user_error():
+    standard_runs()  # writes the 2-rank ZeRO checkpoints
+    ckpt = workdir() / "ckpt" / "deepspeed_2"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", "deepspeed:2", "--out", str(workdir() / "ws.json"),
+                           "--load-from", str(ckpt), "--load-step", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "written by 2 rank(s)" in proc.stderr and "this run has 1" in proc.stderr
