@@ -96,18 +96,28 @@ def _is_norm_or_bias(name: str, param: torch.Tensor) -> str | None:
     return None
 
 
+# Name components that wrappers (DDP, torch.compile, checkpoint/FSDP1 wrappers) insert; the HF name is what counts.
+_WRAPPER_PARTS = {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def canonical_name(name: str) -> str:
+    """The Hugging Face parameter name, without the components wrappers add."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
 def _param_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """A generator seeded by (seed, parameter name): each weight's values are independent of the others and
-    of the order in which parameters are visited."""
+    """A generator seeded by (seed, HF parameter name): each weight's values are independent of the others, of
+    the order in which parameters are visited and of wrappers around the model."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(canonical_name(name).encode())) % (2**63))
     return gen
 
 
 @torch.no_grad()
 def _scaled_init(model: nn.Module, model_cfg: ModelConfig, seed: int) -> None:
     residual_std = model_cfg.init_std / math.sqrt(2 * model_cfg.num_layers)
-    for name, param in model.named_parameters():  # tied weights appear once, under the embedding's name
+    # A tied head may show up here as its own parameter (to_empty unties); init_weights re-ties it afterwards.
+    for name, param in model.named_parameters():
         kind = _is_norm_or_bias(name, param)
         if kind == "zero":
             param.zero_()

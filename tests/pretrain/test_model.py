@@ -156,3 +156,16 @@ def test_materialize_fixes_buffers_and_ties_for_loading(tie):
     tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=tokens).logits, reference(input_ids=tokens).logits)
+
+
+def test_wrapper_prefixes_do_not_change_the_init():
+    cfg = tiny()
+    plain = materialised(cfg, 11)
+    wrapped = torch.nn.Module()
+    wrapped.module = build_meta_model(cfg)  # named like DDP's wrapper: "module.model.layers..."
+    wrapped.module.to_empty(device="cpu")
+    from ember.pretrain.model import _scaled_init
+
+    _scaled_init(wrapped, cfg, 11)
+    for (name, a), (_, b) in zip(plain.named_parameters(), wrapped.module.named_parameters()):
+        assert torch.equal(a, b), name
