@@ -81,6 +81,13 @@ def test_workers_give_the_same_batches(two_sources):
     workers = take(iter(loader(dirs, weights, rank=1, world_size=2, num_workers=2)), 12)
     for a, b in zip(plain, workers):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.doc_starts, b.doc_starts) and a.source_tokens == b.source_tokens
+    # Workers prefetch ahead, but the state counts only the batches handed out.
+    ld = loader(dirs, weights, rank=1, world_size=2, num_workers=2)
+    take(iter(ld), 5)
+    assert ld.state_dict()["samples_consumed"] == 5 * GLOBAL_BATCH
+    resumed = loader(dirs, weights, rank=1, world_size=2, num_workers=2)
+    resumed.load_state_dict(ld.state_dict())
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(plain[5:], take(iter(resumed), 7)))
 
 
 def test_rows_are_stream_windows_with_document_starts(two_sources):
