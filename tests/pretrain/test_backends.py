@@ -19,7 +19,7 @@ from ember.config import validate
 from ember.errors import UserError
 from ember.pretrain.backends import build_backend, load_full_weights
 from ember.pretrain.backends.base import accumulation_steps
-from ember.pretrain.backends.zero import deepspeed_config
+from ember.pretrain.backends.zero_config import deepspeed_config
 from ember.pretrain.distributed import DistEnv
 from ember.pretrain.optim import build_optimizer
 from ember.run_config import RunConfig
