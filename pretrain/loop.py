@@ -69,7 +69,7 @@ def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_si
             metrics.log_train(step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, state=state, loader=loader)
         if state.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise NonFiniteStop(f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm; "
-                                "training stopped (lower train.lr, raise train.grad_clip, or check the data)",
+                                "training stopped (lower train.lr or train.grad_clip, or check the data)",
                                 f"step {step}, train.max_nonfinite_steps={cfg.max_nonfinite_steps}")
         if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             metrics.log_eval(step, evaluate())
