@@ -55,18 +55,21 @@ def load_initial_weights(model: nn.Module, cfg, env: DistEnv) -> None:
     broadcast_nonpersistent_buffers(model, reference)
 
 
-def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> FSDPBackend:
-    autocast_dtype = resolve_autocast_dtype(cfg.train.precision, env.device)
-    if env.device.type == "cuda" and autocast_dtype == torch.bfloat16:
+def fsdp_policies(cfg, device: torch.device) -> tuple[MixedPrecisionPolicy, OffloadPolicy]:
+    if device.type == "cuda" and resolve_autocast_dtype(cfg.train.precision, device) == torch.bfloat16:
         # bf16 compute copies of the weights, fp32 gradient reduction and fp32 master shards.
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp_policy = MixedPrecisionPolicy()
-    offload = cfg.train.cpu_offload and env.device.type == "cuda"
+    offload = cfg.train.cpu_offload and device.type == "cuda"
     if cfg.train.cpu_offload and not offload:
         log.info("cpu_offload has no effect on CPU: parameters already live there")
-    offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    return mp_policy, CPUOffloadPolicy() if offload else OffloadPolicy()
 
+
+def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> FSDPBackend:
+    mp_policy, offload_policy = fsdp_policies(cfg, env.device)
+    offload = isinstance(offload_policy, CPUOffloadPolicy)
     ensure_process_group(env)  # fully_shard needs a device mesh, also over one process
     model = build_meta_model(cfg.model)
     apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
@@ -79,4 +82,4 @@ def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
                 setattr(module, name, buf.to(env.device))
     load_initial_weights(model, cfg, env)
     optimizer = make_optimizer(model)
-    return FSDPBackend(env, model, model, optimizer, autocast_dtype)
+    return FSDPBackend(env, model, model, optimizer, resolve_autocast_dtype(cfg.train.precision, env.device))

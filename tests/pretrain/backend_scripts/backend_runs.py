@@ -5,8 +5,10 @@ Launches are cached per argument list for the pytest session, so several test fi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ SCRIPT = Path(__file__).with_name("train_steps.py")
 REPO = Path(__file__).resolve().parents[3]
 _cache: dict[tuple, list[list[dict]]] = {}
 _workdir = Path(tempfile.mkdtemp(prefix="ember-backends-"))
+atexit.register(shutil.rmtree, _workdir, ignore_errors=True)
 
 # One run of every backend: 6 steps (4 micro batches per step alone, 2 per rank on 2 ranks), a NaN step at 2,
 # a checkpoint at 3 with a fresh-backend round trip, and a census of each rank's shards at the end.
