@@ -22,12 +22,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ember.errors import UserError
+from ember.pretrain.backends.safe_load import SafeFileSystemReader
 
 METADATA_FILE = ".metadata"
 
 
 def is_dcp_checkpoint(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / METADATA_FILE).is_file()
+
+
+def open_reader(ckpt_dir: Path) -> SafeFileSystemReader:
+    reader = SafeFileSystemReader(str(ckpt_dir))
+    # A refused or corrupt metadata file fails here as a UserError, not wrapped deep inside dcp.load.
+    reader.read_metadata()
+    return reader
 
 
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -44,9 +52,10 @@ def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path)
     """Collective: read the shards this rank needs now (resharding as needed) into model and optimizer."""
     if not is_dcp_checkpoint(ckpt_dir):
         raise UserError(f"no torch.distributed.checkpoint metadata ({METADATA_FILE}) in {ckpt_dir}", str(ckpt_dir))
+    reader = open_reader(ckpt_dir)
     # Templates with this rank's current shapes; dcp.load fills them in place.
     state = _training_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(ckpt_dir))
+    dcp.load(state, storage_reader=reader)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
@@ -68,6 +77,6 @@ def load_full_weights_dcp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     # from the checkpoint's metadata (public dcp.load would fill only keys already present), no_dist even if a
     # process group happens to exist.
     state: dict = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(ckpt_dir)),
+    _load_state_dict(state, storage_reader=open_reader(ckpt_dir),
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     return {name: t.to(torch.float32) for name, t in state["model"].items()}

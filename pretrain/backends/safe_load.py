@@ -1,17 +1,23 @@
-"""Load DeepSpeed's pickled checkpoint files without unpickling arbitrary objects.
+"""Read checkpoints without unpickling arbitrary objects.
 
-DeepSpeed calls `torch.load(..., weights_only=False)`. Inside `weights_only_torch_load()` every `torch.load`
+DeepSpeed calls `torch.load(..., weights_only=False)`: inside `weights_only_torch_load()` every `torch.load`
 runs with `weights_only=True`, allowing besides tensors only the few plain classes ZeRO checkpoints hold.
+torch.distributed.checkpoint reads its `.metadata` with plain `pickle.load`: `SafeFileSystemReader` reads it
+with an unpickler that builds only DCP's own metadata classes, torch dtypes/sizes/layouts and paths.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import pathlib
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from ember.errors import UserError
 
@@ -46,3 +52,43 @@ def weights_only_torch_load(ckpt_dir: Path | str = "checkpoint"):
                         str(ckpt_dir)) from None
     finally:
         torch.load = original
+
+
+_TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("torch.distributed.checkpoint."):
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if value is torch.Size or isinstance(value, _TORCH_VALUE_TYPES):
+                return value
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return super().find_class(module, name)
+        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"):
+            return getattr(pathlib, name)
+        if (module, name) == ("collections", "OrderedDict"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata read builds only checkpoint-metadata objects."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as metadata_file:
+                metadata = _MetadataUnpickler(metadata_file).load()
+        except pickle.UnpicklingError as e:
+            raise UserError(f"refusing to unpickle the checkpoint metadata ({e})", str(path)) from None
+        except EOFError:
+            raise UserError("the checkpoint metadata is truncated", str(path)) from None
+        if not isinstance(metadata, Metadata):
+            raise UserError("checkpoint metadata is not torch.distributed.checkpoint Metadata", str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

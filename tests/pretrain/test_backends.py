@@ -196,3 +196,22 @@ def test_deepspeed_checkpoint_on_another_world_size_is_a_user_error():
                            "--load-from", str(ckpt), "--load-step", "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "written by 2 rank(s)" in proc.stderr and "this run has 1" in proc.stderr
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_dcp_metadata_is_read_without_arbitrary_unpickling(single_backend, tmp_path):
+    import pickle
+
+    single_backend.save(tmp_path / "ckpt")
+    full = load_full_weights(tmp_path / "ckpt")  # DCP's own metadata classes are allowed
+    assert state_digest(full) == state_digest(single_backend.full_state_dict())
+    single_backend.load(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(UserError, match="builtins.print"):
+        load_full_weights(tmp_path / "ckpt")
+    with pytest.raises(UserError, match="builtins.print"):
+        single_backend.load(tmp_path / "ckpt")
