@@ -6,9 +6,12 @@ checkpoint written at one world size loads at any other, and into any of these t
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -38,6 +41,14 @@ def open_reader(ckpt_dir: Path) -> SafeFileSystemReader:
     return reader
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every save/load without a process group; one process is intended here (single backend)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
 
@@ -45,7 +56,8 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
     """Collective: each rank writes its shards of weights and optimizer state into `ckpt_dir`."""
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
-    dcp.save(_training_state(model, optimizer), checkpoint_id=str(ckpt_dir))
+    with _single_process_ok():
+        dcp.save(_training_state(model, optimizer), checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
 
 
 def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
@@ -55,15 +67,14 @@ def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path)
     reader = open_reader(ckpt_dir)
     # Templates with this rank's current shapes; dcp.load fills them in place.
     state = _training_state(model, optimizer)
-    dcp.load(state, storage_reader=reader)
+    with _single_process_ok():
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Collective: the full CPU weights on rank 0, None elsewhere."""
-    import torch.distributed as dist
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(model, options=options)
     if dist.is_initialized() and dist.get_rank() != 0:
