@@ -16,6 +16,10 @@ Each engine runs `--rounds` times, alternating, in fresh processes with the same
 per-step tokens/s after `--warmup` steps give a 90th percentile (the least disturbed steps: on a shared machine
 slow steps mostly measure the neighbours) and a median; the best round counts, and both are printed. MFU = tokens/s x (6 x matmul params + attention FLOPs per token) over the
 fp32 matmul peak measured here (ember.pretrain.peak) with the same thread count.
+
+Wall-clock tokens/s on a machine shared with other work measure the neighbours too. So each round also runs
+both engines stopped after the warm-up, and the CPU seconds per measured step (full run minus short run, from
+the children's rusage) give tokens per CPU-second: time spent waiting for a core is not counted.
 """
 
 from __future__ import annotations
@@ -195,6 +199,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=400, help="stdlib files in the benchmark corpus")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench" / "throughput"))
     parser.add_argument("--data-dir", default=None, help="prepared dataset (default: WORK_DIR/data, prepared if missing)")
+    parser.add_argument("--no-cpu-time", dest="cpu_time", action="store_false",
+                        help="skip the short runs that measure CPU seconds per step (the contention-robust figure)")
     parser.add_argument("--trainer-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer_worker:
@@ -215,11 +221,20 @@ def main() -> None:
     peak = measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0)
 
     ember_rounds, trainer_rounds = [], []
+    cpu_per_step = {"ember": [], "trainer": []}
+    short = argparse.Namespace(**{**vars(args), "steps": args.warmup})
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}: ember ...", flush=True)
         ember_rounds.append(run_ember(args, data_dir, work / f"ember-{i}"))
         print(f"round {i + 1}/{args.rounds}: HF Trainer ...", flush=True)
         trainer_rounds.append(run_trainer(args, data_dir, work))
+        if args.cpu_time:
+            # CPU seconds of a full run minus those of a run stopped after the warm-up: start-up, warm-up, the
+            # final eval and save cancel, leaving the measured steps; waiting for a busy core costs no CPU time.
+            print(f"round {i + 1}/{args.rounds}: short runs for CPU time per step ...", flush=True)
+            num = args.steps - args.warmup
+            cpu_per_step["ember"].append((ember_rounds[-1]["cpu_s"] - run_ember(short, data_dir, work / "ember-short")["cpu_s"]) / num)
+            cpu_per_step["trainer"].append((trainer_rounds[-1]["cpu_s"] - run_trainer(short, data_dir, work)["cpu_s"]) / num)
     # The peak again after the runs: a busy moment at the start would understate it.
     measured_cpu_peak_flops.cache_clear()
     peak = max(peak, measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0))
@@ -244,7 +259,20 @@ def main() -> None:
     print(f"median tokens/s ratio ember / HF Trainer: {median_ratio:.2f}x")
     (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "median_ratio": median_ratio, "peak_flops": peak,
                                                    "flops_per_token": per_token, "args": vars(args)}, indent=1))
-    print(f"ember / HF Trainer tokens/s (p90): {ratio:.2f}x")
+    cpu_ratio = None
+    if args.cpu_time:
+        tokens = args.batch * args.seq_len
+        per_cpu_s = {name: tokens / min(xs) for name, xs in cpu_per_step.items()}
+        for name, label in (("ember", "ember"), ("trainer", "HF Trainer")):
+            print(f"{label:12s} CPU s/step {min(cpu_per_step[name]):.3f} (rounds: "
+                  f"{', '.join(f'{x:.3f}' for x in cpu_per_step[name])}) -> {per_cpu_s[name]:.1f} tokens per CPU-second, "
+                  f"MFU {per_cpu_s[name] * per_token / peak:.1%}")
+        cpu_ratio = per_cpu_s["ember"] / per_cpu_s["trainer"]
+        results["cpu_per_step_s"], results["cpu_ratio"] = cpu_per_step, cpu_ratio
+        (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "median_ratio": median_ratio, "peak_flops": peak,
+                                                       "flops_per_token": per_token, "args": vars(args)}, indent=1))
+    cpu_part = f", tokens per CPU-second {cpu_ratio:.2f}x" if cpu_ratio else ""
+    print(f"ember / HF Trainer: tokens/s (p90) {ratio:.2f}x, median {median_ratio:.2f}x{cpu_part}")
 
 
 if __name__ == "__main__":
