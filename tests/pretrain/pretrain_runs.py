@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -47,10 +45,14 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir, "train")}
 
 
-@functools.lru_cache(maxsize=None)
-def trained_run(dataset_dir: Path) -> Path:
+_TRAINED: dict[Path, Path] = {}
+
+
+def trained_run(dataset_dir: Path, tmp_path_factory) -> Path:
     """One single-process run of 12 steps (eval every 5, checkpoint every 5, keep 2), shared by several test files."""
-    root = Path(tempfile.mkdtemp(prefix="ember-loop-"))
-    config = write_config(root / "run.yaml", dataset_dir, root / "run", eval_every=5, checkpoint_every=5, keep_last=2, log_every=2)
-    pretrain(config)
-    return root / "run"
+    if dataset_dir not in _TRAINED:
+        root = tmp_path_factory.mktemp("loop")
+        config = write_config(root / "run.yaml", dataset_dir, root / "run", eval_every=5, checkpoint_every=5, keep_last=2, log_every=2)
+        pretrain(config)
+        _TRAINED[dataset_dir] = root / "run"
+    return _TRAINED[dataset_dir]

@@ -19,8 +19,8 @@ from ember.run_config import RunConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(small_dataset) -> Path:
-    return trained_run(small_dataset)
+def run(small_dataset, tmp_path_factory) -> Path:
+    return trained_run(small_dataset, tmp_path_factory)
 
 
 def hf_model(path: Path):

@@ -23,8 +23,8 @@ TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "toke
 
 
 @pytest.fixture(scope="module")
-def run(small_dataset) -> Path:
-    return trained_run(small_dataset)
+def run(small_dataset, tmp_path_factory) -> Path:
+    return trained_run(small_dataset, tmp_path_factory)
 
 
 def test_resolved_config_is_saved_and_valid(run):
