@@ -128,3 +128,12 @@ def test_compiled_checkpointed_fsdp_blocks_keep_the_losses():
     for result in (rank[0] for rank in ranks):
         assert result["checkpointed_blocks"] == 1
         assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), "compiled fsdp")
+
+
+def test_ddp_syncs_the_last_micro_batch_even_when_the_loop_splits_otherwise():
+    # The config says 2 micro batches per rank, the loop runs 1 of 4: DDP's forward was told not to sync,
+    # so the backend must all-reduce after the last backward itself.
+    single, _ = standard_runs()
+    ranks = launch(2, "ddp", "--steps", "2", "--loop-micro-batch", "4")
+    for result in (rank[0] for rank in ranks):
+        assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), "ddp with another split")

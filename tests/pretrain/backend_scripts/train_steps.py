@@ -55,7 +55,7 @@ def train_step(backend, step: int, args, poison: bool = False) -> dict:
     tokens = global_tokens(step, args)
     per_rank = args.global_batch // backend.world_size
     local = tokens[backend.rank * per_rank:(backend.rank + 1) * per_rank]  # (per_rank, seq + 1)
-    micro_batches = local.split(args.micro_batch)
+    micro_batches = local.split(args.loop_micro_batch or args.micro_batch)
     loss_sum = 0.0
     for i, micro in enumerate(micro_batches):
         inputs, labels = micro[:, :-1], micro[:, 1:]
@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--loop-micro-batch", type=int, default=0,
+                        help="split each rank's batch this way instead of by the config's micro batch")
     parser.add_argument("--grad-clip", type=float, default=0.5)
     parser.add_argument("--tie", action="store_true")
     parser.add_argument("--ac-every", type=int, default=0, help="activation checkpointing every k-th block (0: off)")
