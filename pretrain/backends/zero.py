@@ -7,6 +7,7 @@ param groups every step), the accumulation boundary (given per micro batch) and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -176,6 +177,26 @@ def build_partitioned_model(cfg, ds_config: dict, env: DistEnv) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def full_shapes_visible(module: nn.Module):
+    """Let code that reads parameter shapes (decay / no-decay grouping by `ndim`) see ZeRO-3 parameters whole.
+
+    Outside forward/backward a partitioned parameter holds an empty placeholder; for the duration it holds a
+    one-element tensor expanded to the full shape (`ds_shape`), so nothing is gathered or allocated.
+    """
+    placeholders = []
+    for param in module.parameters():
+        full_shape = getattr(param, "ds_shape", None)
+        if full_shape is not None and param.shape != full_shape:
+            placeholders.append((param, param.data))
+            param.data = torch.empty(1, dtype=param.dtype, device=param.device).expand(full_shape)
+    try:
+        yield
+    finally:
+        for param, placeholder in placeholders:
+            param.data = placeholder
+
+
 def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DeepSpeedBackend:
     import deepspeed
 
@@ -188,7 +209,8 @@ def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optim
         # Stages 1 and 2 keep whole weights on every rank anyway: each builds the single-process weights
         # (deterministic init, no broadcast needed).
         module = build_local_model(cfg, env.device)
-    optimizer = make_optimizer(module)
+    with full_shapes_visible(module):
+        optimizer = make_optimizer(module)
     num_groups = len(optimizer.param_groups)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                       dist_init_required=False)

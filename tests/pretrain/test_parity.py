@@ -47,6 +47,14 @@ def test_initial_weights_equal_single_process(backend):
     assert result["init_digest"] == single["init_digest"]
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS.split(","))
+def test_optimizer_keeps_the_decay_groups(backend):
+    # ZeRO-3 parameters are empty placeholders outside forward: grouping by ndim must still see matrices.
+    single, runs = standard_runs()
+    assert single["param_groups"] == [["decay", 0.1], ["no_decay", 0.0]]
+    assert runs[backend][0]["param_groups"] == single["param_groups"]
+
+
 @pytest.mark.parametrize("backend", ["single", *ALL_BACKENDS.split(",")])
 def test_save_load_round_trip_continues_bit_identically(backend):
     single, runs = standard_runs()

@@ -132,6 +132,8 @@ def job(args, spec: str) -> dict:
     cfg = make_config(args, backend_name, int(stage or 3))
     backend = build(cfg)
     result: dict = {"backend": spec, "world_size": backend.world_size, "init_digest": weights_digest(backend),
+                    # (name, weight decay) of each optimizer param group: the decay/no-decay split must survive sharding.
+                    "param_groups": [[g.get("group"), g["weight_decay"]] for g in backend.optimizer.param_groups],
                     "checkpointed_blocks": sum(bool(getattr(m, "gradient_checkpointing", False)) for m in backend.module.modules())}
     if args.load_from:
         # Continue another run's checkpoint (possibly written at another world size or by another backend).
