@@ -47,9 +47,9 @@ def test_override_can_swap_the_preset():
 
 
 def test_extends_refines_a_section_named_by_preset(tmp_path):
-    path = write(tmp_path, "extends: tiny\nmodel: {num_layers: 2}\ntrain: {max_steps: 3}\n")
+    path = write(tmp_path, "extends: tiny\nmodel: {num_layers: 2}\ntrain: {max_steps: 30}\n")
     cfg = load_config(path, RunConfig)
-    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.max_steps) == (2, 256, 3)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.max_steps) == (2, 256, 30)
     assert cfg.train.seq_len == 256  # inherited from tiny
 
 
