@@ -65,7 +65,7 @@ class TrainConfig(Section):
     cpu_offload: bool = Field(False, description="offload parameters/optimizer to CPU (fsdp, deepspeed)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config keys merged on top of the generated one")
     eval_every: int = Field(50, ge=0, description="evaluate on the validation split every N steps (0: only at the end)")
-    eval_batches: int = Field(8, gt=0, description="validation micro-batches per rank per evaluation")
+    eval_batches: int = Field(8, gt=0, description="validation global batches (of the training global batch size) per evaluation")
     log_every: int = Field(10, gt=0, description="write metrics every N steps")
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints to keep")

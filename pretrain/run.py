@@ -168,7 +168,7 @@ def pretrain(cfg) -> dict:
             # A fresh loader each time: every evaluation reads the same validation batches.
             if not data.has_val:
                 return None
-            return evaluate(backend, data.loader("val", t.micro_batch_size * backend.world_size, backend), t.eval_batches)
+            return evaluate(backend, data.loader("val", global_batch, backend), t.eval_batches, t.micro_batch_size)
 
         log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
                  cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)

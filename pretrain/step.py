@@ -83,14 +83,17 @@ def train_step(backend, tokens: torch.Tensor, *, micro_batch_size: int, grad_cli
 
 
 @torch.no_grad()
-def evaluate(backend, batches, num_batches: int) -> float:
-    """Mean cross-entropy over `num_batches` validation batches (one micro-batch per rank each)."""
+def evaluate(backend, batches, num_batches: int, micro_batch_size: int) -> float:
+    """Mean cross-entropy over `num_batches` global validation batches.
+
+    Each rank reads its slice of every global batch in equal micro-batches, so the same
+    sequences are scored whatever the world size.
+    """
     backend.model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        if count == num_batches:
-            break
-        total += forward_loss(backend, batch.tokens)[1].item()
-        count += 1
+    for _, batch in zip(range(num_batches), batches):
+        for micro in batch.tokens.split(micro_batch_size):
+            total += forward_loss(backend, micro)[1].item()
+            count += 1
     backend.model.train()
     return backend.all_reduce_mean(total / max(count, 1))

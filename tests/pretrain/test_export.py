@@ -35,13 +35,14 @@ def test_export_reproduces_embers_final_validation_loss(run, small_dataset):
 
     cfg = validate(read_yaml(run / "config.yaml"), RunConfig)
     model = hf_model(run / "hf")
-    val = build_loader([small_dataset], [1.0], split="val", seq_len=cfg.train.seq_len, global_batch_size=cfg.train.micro_batch_size,
+    val = build_loader([small_dataset], [1.0], split="val", seq_len=cfg.train.seq_len, global_batch_size=cfg.train.global_batch_sequences(1),
                        rank=0, world_size=1, seed=cfg.seed)
     losses = []
     with torch.no_grad():
         for _, batch in zip(range(cfg.train.eval_batches), val):
-            logits = model(input_ids=batch.tokens[:, :-1]).logits
-            losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch.tokens[:, 1:].flatten()).item())
+            for micro in batch.tokens.split(cfg.train.micro_batch_size):
+                logits = model(input_ids=micro[:, :-1]).logits
+                losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), micro[:, 1:].flatten()).item())
     final_eval = records(run, "eval")[-1]
     assert final_eval["step"] == 12
     assert sum(losses) / len(losses) == pytest.approx(final_eval["val_loss"], abs=1e-5)
