@@ -11,8 +11,8 @@ from ember.pretrain.backends.base import Backend
 from ember.pretrain.backends.dcp_io import gather_full_state_dict, load_dcp, save_dcp
 
 
-def _as_local_float(norm: torch.Tensor) -> float:
-    # FSDP2 gradients are DTensors: their norm is a DTensor whose full value needs one all-reduce.
+def _global_value(norm: torch.Tensor) -> float:
+    # FSDP2 gradients are DTensors: their norm is a DTensor whose global value needs one all-reduce.
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm.item())
@@ -29,7 +29,7 @@ class TorchBackend(Backend):
         if not grads:
             return 0.0
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        value = _as_local_float(total)  # the same on every rank
+        value = _global_value(total)  # the same on every rank
         # A non-finite norm means the step will be skipped: leave the gradients alone.
         if max_norm > 0 and math.isfinite(value):
             torch.nn.utils.clip_grads_with_norm_(
