@@ -145,3 +145,17 @@ def test_ddp_syncs_the_last_micro_batch_even_when_the_loop_splits_otherwise():
     ranks = launch(2, "ddp", "--steps", "2", "--loop-micro-batch", "4")
     for result in (rank[0] for rank in ranks):
         assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), "ddp with another split")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox", "mixtral"])
+def test_other_architectures_shard_like_one_process(arch):
+    # Other HF block and init layouts (biases, parallel residual, experts) through fsdp and ZeRO-3.
+    jobs = [f"{b}@{a}" for a in ("qwen2", "gpt_neox", "mixtral") for b in ("fsdp", "deepspeed:3")]
+    single = {r["backend"]: r for r in launch(1, "single@qwen2,single@gpt_neox,single@mixtral", "--steps", "2")[0]}
+    parallel = {r["backend"]: r for r in launch(2, ",".join(jobs), "--steps", "2")[0]}
+    reference = single[f"single@{arch}"]
+    for backend in ("fsdp", "deepspeed:3"):
+        result = parallel[f"{backend}@{arch}"]
+        assert result["init_digest"] == reference["init_digest"], backend
+        assert result["param_groups"] == reference["param_groups"], backend
+        assert_close_losses(losses(result["steps"]), losses(reference["steps"]), f"{backend} {arch}")

@@ -1,7 +1,7 @@
 """Train a tiny Llama on fixed synthetic tokens with one or more backends; write what happened as JSON.
 
 Run alone (single process) or under `python -m torch.distributed.run --nproc_per_node 2`. Each job in
-`--jobs` is `BACKEND[:ZERO_STAGE]` and runs `--steps` optimizer steps from the same initial weights. Options
+`--jobs` is `BACKEND[:ZERO_STAGE][@ARCH]` (llama by default) and runs `--steps` optimizer steps from the same initial weights. Options
 add a save/load round trip, a poisoned (NaN) step, a load from another run's checkpoint, and a
 memory census of this rank's parameter and optimizer shards.
 """
@@ -26,11 +26,13 @@ from ember.run_config import RunConfig
 VOCAB = 256
 
 
-def make_config(args, backend: str, zero_stage: int) -> RunConfig:
+def make_config(args, backend: str, zero_stage: int, arch: str = "llama") -> RunConfig:
     return validate({
         "seed": 7,
         "data": {"datasets": [{"path": "unused"}]},
-        "model": {"arch": "llama", "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "model": {"arch": arch, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                  "num_kv_heads": 4 if arch == "gpt_neox" else 2,  # gpt_neox has no grouped-query attention
+                  "hf_overrides": {"num_local_experts": 2, "num_experts_per_tok": 1} if arch == "mixtral" else {},
                   "ffn_hidden_size": 128, "vocab_size": VOCAB, "max_seq_len": 64,
                   "tie_embeddings": args.tie},
         "train": {"backend": backend, "zero_stage": zero_stage, "seq_len": args.seq_len,
@@ -128,8 +130,9 @@ def build(cfg):
 
 def job(args, spec: str) -> dict:
     """Train `--steps` steps (saving at `--save-at`), then optionally resume a fresh backend from the save."""
-    backend_name, _, stage = spec.partition(":")
-    cfg = make_config(args, backend_name, int(stage or 3))
+    backend_spec, _, arch = spec.partition("@")
+    backend_name, _, stage = backend_spec.partition(":")
+    cfg = make_config(args, backend_name, int(stage or 3), arch or "llama")
     backend = build(cfg)
     result: dict = {"backend": spec, "world_size": backend.world_size, "init_digest": weights_digest(backend),
                     # (name, weight decay) of each optimizer param group: the decay/no-decay split must survive sharding.
@@ -165,7 +168,7 @@ def job(args, spec: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", required=True, help="comma-separated BACKEND[:ZERO_STAGE]")
+    parser.add_argument("--jobs", required=True, help="comma-separated BACKEND[:ZERO_STAGE][@HF_ARCH]")
     parser.add_argument("--out", required=True, help="JSON file (rank R writes OUT.rankR)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
