@@ -22,13 +22,18 @@ NOT_BUILT_MARK = "is not built yet"
 def run_stage(title: str, cmd: list[str]) -> bool:
     """Run one stage; False when the command reports that it is not built yet."""
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-    if proc.returncode == 2 and NOT_BUILT_MARK in proc.stderr:
-        print(f"   not built yet: {proc.stderr.strip()}")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    last_line = ""
+    for line in proc.stderr:  # stream the stage's log as it goes
+        if NOT_BUILT_MARK not in line:
+            sys.stderr.write(line)
+        last_line = line.strip() or last_line
+    code = proc.wait()
+    if code == 2 and NOT_BUILT_MARK in last_line:
+        print(f"   not built yet: {last_line}")
         return False
-    sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
-        raise UserError(f"demo stage '{title}' failed with exit code {proc.returncode}", shlex.join(cmd))
+    if code != 0:
+        raise UserError(f"demo stage '{title}' failed with exit code {code}", shlex.join(cmd))
     return True
 
 
