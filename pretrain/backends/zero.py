@@ -29,9 +29,17 @@ CHECKPOINT_TAG = "zero"
 
 
 def _init_deepspeed_comm(env: DistEnv) -> None:
+    import importlib
+
     import deepspeed
 
+    # The module itself: `deepspeed.comm.torch` as an attribute is the torch package re-exported by deepspeed.comm.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     ensure_process_group(env)
+    if env.device.type == "cpu":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce kernel at init (a minute and a C++ compiler on
+        # a fresh machine) that only its inference all-reduce uses; training never does.
+        ds_torch_comm.build_shm_op = lambda: None
     # DeepSpeed's comm layer wraps the existing torch process group.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
 

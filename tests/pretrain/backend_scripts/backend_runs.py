@@ -9,7 +9,6 @@ import atexit
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,6 @@ ALL_BACKENDS = "ddp,fsdp,deepspeed:1,deepspeed:2,deepspeed:3"
 STANDARD_ARGS = ("--steps", "6", "--save-at", "3", "--poison-step", "2", "--round-trip", "--census")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def workdir() -> Path:
     return _workdir
 
@@ -46,8 +39,8 @@ def launch(nproc: int, jobs: str, *args: str, timeout: float = 600) -> list[list
     if nproc == 1:
         cmd = [sys.executable, str(SCRIPT)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT)]
+        # --standalone: torchrun picks a free local port itself (no race with other processes for it).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT)]
     cmd += ["--jobs", jobs, "--out", str(out), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
