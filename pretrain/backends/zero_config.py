@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
+from ember.config import deep_merge
 from ember.pretrain.backends.base import accumulation_steps, resolve_autocast_dtype
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """`top` over `base`, recursively for nested dicts (the user's DeepSpeed keys win)."""
-    merged = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 # DeepSpeed's default bucket (5e8 elements, 2 GB in fp32) is allocated afresh for every reduction: on a small
