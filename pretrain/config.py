@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ember.config import Section
+from ember.errors import UserError
 
 
 class ModelConfig(Section):
@@ -91,6 +92,16 @@ class TrainConfig(Section):
         if self.global_batch_tokens:
             return self.global_batch_tokens // self.seq_len
         return self.micro_batch_size * world_size
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per rank per step; the global batch must split exactly over ranks and micro-batches."""
+        global_batch = self.global_batch_sequences(world_size)
+        per_step = world_size * self.micro_batch_size
+        if global_batch % per_step:
+            field = "train.global_batch_tokens" if self.global_batch_tokens else "train.global_batch_size"
+            raise UserError(f"the global batch of {global_batch} sequences does not split into {world_size} rank(s) x "
+                            f"train.micro_batch_size {self.micro_batch_size}", f"{field}, train.micro_batch_size")
+        return global_batch // per_step
 
 
 class TrackingConfig(Section):

@@ -19,24 +19,12 @@ from ember.errors import UserError
 from ember.logs import add_log_file
 from ember.pretrain import distributed
 from ember.pretrain.checkpoint import CheckpointManager, config_hash
-from ember.pretrain.config import TrainConfig
 from ember.pretrain.loop import LoopState, train
 from ember.pretrain.metrics import Metrics
 from ember.pretrain.optim import build_optimizer
 from ember.pretrain.step import evaluate
 
 log = logging.getLogger("ember.pretrain.run")
-
-
-def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-batches per rank per step; the global batch must split exactly over ranks and micro-batches."""
-    global_batch = cfg.global_batch_sequences(world_size)
-    per_step = world_size * cfg.micro_batch_size
-    if global_batch % per_step:
-        field = "train.global_batch_tokens" if cfg.global_batch_tokens else "train.global_batch_size"
-        raise UserError(f"the global batch of {global_batch} sequences does not split into {world_size} rank(s) x "
-                        f"train.micro_batch_size {cfg.micro_batch_size}", f"{field}, train.micro_batch_size")
-    return global_batch // per_step
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -147,7 +135,7 @@ def pretrain(cfg) -> dict:
 
     started, t = time.time(), cfg.train
     env = distributed.init_distributed()
-    num_micro = accumulation_steps(t, env.world_size)  # before anything is written: a bad batch is a user error
+    num_micro = t.accumulation_steps(env.world_size)  # before anything is written: a bad batch is a user error
     global_batch = t.global_batch_sequences(env.world_size)
     config_yaml = setup_run_dir(cfg, env.rank)
     seed_everything(cfg.seed)

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ember.errors import UserError
 from ember.pretrain import distributed
 from ember.pretrain.distributed import DistEnv
 
@@ -17,16 +16,6 @@ def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype 
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def accumulation_steps(train, world_size: int) -> int:
-    """Micro batches per rank per optimizer step (the global batch must split evenly)."""
-    global_batch = train.global_batch_sequences(world_size)
-    per_step = train.micro_batch_size * world_size
-    if global_batch % per_step:
-        raise UserError(f"the global batch of {global_batch} sequences does not split into {world_size} rank(s) x "
-                        f"train.micro_batch_size {train.micro_batch_size}", "train.global_batch_size, train.micro_batch_size")
-    return global_batch // per_step
 
 
 class Backend:

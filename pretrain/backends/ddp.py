@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ember.pretrain.backends.base import accumulation_steps, resolve_autocast_dtype
+from ember.pretrain.backends.base import resolve_autocast_dtype
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.backends.torch_backend import TorchBackend
 from ember.pretrain.distributed import DistEnv
@@ -57,4 +57,4 @@ def build_ddp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     model = DistributedDataParallel(module, device_ids=device_ids)
     optimizer = make_optimizer(module)
     return DDPBackend(env, model, module, optimizer, resolve_autocast_dtype(cfg.train.precision, env.device),
-                      num_micro_batches=accumulation_steps(cfg.train, env.world_size))
+                      num_micro_batches=cfg.train.accumulation_steps(env.world_size))

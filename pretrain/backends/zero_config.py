@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ember.config import deep_merge
-from ember.pretrain.backends.base import accumulation_steps, resolve_autocast_dtype
+from ember.pretrain.backends.base import resolve_autocast_dtype
 
 
 # DeepSpeed's default bucket (5e8 elements, 2 GB in fp32) is allocated afresh for every reduction: on a small
@@ -21,7 +21,7 @@ def bucket_elements(num_params: int) -> int:
 def deepspeed_config(cfg, world_size: int, device: torch.device, num_params: int) -> dict:
     """The DeepSpeed JSON for ember's TrainConfig, with `train.deepspeed` merged on top."""
     train = cfg.train
-    num_accum = accumulation_steps(train, world_size)
+    num_accum = train.accumulation_steps(world_size)
     bucket = bucket_elements(num_params)
     zero: dict = {"stage": train.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if train.zero_stage == 3:

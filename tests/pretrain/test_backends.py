@@ -18,7 +18,6 @@ from backend_runs import ALL_BACKENDS, SCRIPT, launch, losses, standard_runs, wo
 from ember.config import validate
 from ember.errors import UserError
 from ember.pretrain.backends import build_backend, load_full_weights
-from ember.pretrain.backends.base import accumulation_steps
 from ember.pretrain.backends.zero_config import deepspeed_config
 from ember.pretrain.distributed import DistEnv
 from ember.pretrain.optim import build_optimizer
@@ -70,7 +69,7 @@ def test_deepspeed_config_offload_bf16_and_user_keys_on_top():
 def test_global_batch_that_does_not_split_is_a_user_error():
     cfg = run_config(global_batch_size=10, micro_batch_size=4)
     with pytest.raises(UserError, match="does not split"):
-        accumulation_steps(cfg.train, 2)
+        cfg.train.accumulation_steps(2)
 
 
 # --- single process, in this process ------------------------------------------------------------------------
