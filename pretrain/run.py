@@ -144,6 +144,7 @@ def pretrain(cfg) -> dict:
         log.warning("a dataset has no validation split (prepared with val_fraction 0): no evaluation")
 
     backend = build_backend(cfg, lambda model: build_optimizer(model, t))
+    succeeded = False
     try:
         checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml, config_digest=config_hash(cfg),
                                         tokenizer_dir=data.manifests[0].tokenizer_dir, token_ids=data.token_ids)
@@ -166,8 +167,9 @@ def pretrain(cfg) -> dict:
         train_seconds = time.time() - train_started
         finished = state.step >= t.max_steps
         hf_dir = export_final(cfg, backend, data) if finished and t.export_hf else None
+        succeeded = True
     finally:
-        backend.close()
+        backend.close(all_ranks_done=succeeded)
     summary = {"step": state.step, "finished": finished, "resumed_from": start_step, "loss": metrics.last_train.get("loss"),
                "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
                "train_seconds": train_seconds, "wall_seconds": time.time() - started, "hf_dir": str(hf_dir) if hf_dir else None,

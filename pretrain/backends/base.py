@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -69,5 +70,15 @@ class Backend:
     def all_reduce_mean(self, x: float) -> float:
         return distributed.all_reduce_mean(x, self.device)
 
-    def close(self) -> None:
+    def close(self, all_ranks_done: bool = True) -> None:
+        """Tear down. After a good run: wait for every rank, drop the model, optimizer and engine, then destroy
+        the process groups. Gloo work objects that outlive the process group (DeepSpeed keeps some) can abort the
+        process at interpreter exit after a good run, so they go while the interpreter is whole. After a failure
+        no barrier: the other ranks may be gone."""
+        if all_ranks_done:
+            distributed.barrier()
+        keep = {"rank", "world_size", "device", "env", "name", "autocast_dtype"}
+        for attr in [a for a in vars(self) if a not in keep]:
+            setattr(self, attr, None)
+        gc.collect()
         distributed.destroy()
