@@ -8,7 +8,9 @@ Layout of `run_dir/checkpoints/`:
         tokenizer/            the dataset's tokenizer files, so the checkpoint exports on its own
     latest                    text file: name of the newest checkpoint
 A checkpoint is written as `step_XXXXXXXX.tmp` and renamed when complete, so a killed run
-never leaves a half-written directory under a valid name.
+never leaves a half-written directory under a valid name. With `train.async_checkpoint` the backend
+payload is written in the background while training goes on; the rename (and `latest`, and pruning)
+waits until it is on disk: at the next save, before the final export, or when the backend closes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ember.errors import UserError
 
@@ -34,7 +37,8 @@ STATE_FILE = "trainer_state.json"
 RESUMABLE_CHANGES = {"run_dir", "tracking", "launch", "finetune"}
 TRAIN_RESUMABLE_CHANGES = {"backend", "zero_stage", "micro_batch_size", "eval_every", "eval_batches", "log_every",
                            "checkpoint_every", "keep_last", "stop_after_steps", "resume", "export_hf", "cpu_offload",
-                           "activation_checkpointing", "ac_every", "compile", "deepspeed", "max_nonfinite_steps"}
+                           "activation_checkpointing", "ac_every", "compile", "deepspeed", "max_nonfinite_steps",
+                           "async_checkpoint"}
 
 
 def checkpoint_name(step: int) -> str:
@@ -109,14 +113,21 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointManager:
-    """Saves and restores checkpoints of one run; every method is collective (all ranks call it)."""
+    """Saves and restores checkpoints of one run; every method is collective (all ranks call it).
+
+    `async_save` None: as the run config's `train.async_checkpoint` says. Background saves need a backend
+    with `begin_save` (single/ddp/fsdp); the config refuses them with deepspeed.
+    """
 
     def __init__(self, run_dir: Path, backend, *, keep_last: int, config_yaml: str, config_digest: str,
-                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None):
+                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None, async_save: bool | None = None):
         self.root = Path(run_dir) / "checkpoints"
         self.backend, self.keep_last = backend, keep_last
         self.config_yaml, self.config_digest = config_yaml, config_digest
         self.tokenizer_dir, self.token_ids = tokenizer_dir, token_ids or {}
+        if async_save is None:
+            async_save = bool(((yaml.safe_load(config_yaml) or {}).get("train") or {}).get("async_checkpoint"))
+        self.async_save = async_save and hasattr(backend, "begin_save")
         if backend.rank == 0 and self.root.is_dir():  # left by a run killed while saving: never valid
             for stale in self.root.glob("step_*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -126,37 +137,55 @@ class CheckpointManager:
         return found[-1] if found else None
 
     def save(self, state, loader) -> Path:
-        """Write checkpoint `step_{state.step}`; returns its directory."""
+        """Write checkpoint `step_{state.step}`; returns its directory (visible once published, see the module doc)."""
+        if self.async_save:
+            self.backend.finish_save()  # the previous checkpoint is published before this one starts
         rank, final = self.backend.rank, self.root / checkpoint_name(state.step)
         tmp = final.with_name(final.name + ".tmp")
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
             (tmp / "rng").mkdir(parents=True)
         self.backend.barrier()
-        self.backend.save(tmp)
+        if self.async_save:
+            self.backend.begin_save(tmp, lambda all_ranks: self._publish_written(tmp, final, all_ranks))
+        else:
+            self.backend.save(tmp)
         torch.save(rng_state(), tmp / "rng" / f"rank{rank}.pt")
         self.backend.barrier()
         if rank == 0:
-            self._finish(tmp, final, state, loader.state_dict())
-        self.backend.barrier()
-        log.info("saved checkpoint %s", final)
+            self._write_state(tmp, state, loader.state_dict())
+        if self.async_save:
+            log.info("saving checkpoint %s in the background", final)
+        else:
+            self._publish_written(tmp, final, all_ranks=True)
         return final
 
-    def _finish(self, tmp: Path, final: Path, state, loader_state: dict) -> None:
+    def _write_state(self, tmp: Path, state, loader_state: dict) -> None:
         (tmp / "config.yaml").write_text(self.config_yaml)
         if self.tokenizer_dir is not None:
             shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
         trainer_state = {**state.to_dict(), "loader": loader_state, "world_size": self.backend.world_size,
                          "config_hash": self.config_digest, "token_ids": self.token_ids}
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        pointer = self.root / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        pointer.replace(self.root / "latest")
-        for old in find_checkpoints(self.root)[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+
+    def _publish_written(self, tmp: Path, final: Path, all_ranks: bool) -> None:
+        """Rename `tmp` to `final`, point `latest` at it, prune; the payload is complete on every rank.
+
+        all_ranks False (error path of a background save): each rank alone, no collectives; rank 0 may
+        publish because its DCP write returns only after every rank's shards and the metadata are written.
+        """
+        if self.backend.rank == 0:
+            if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            pointer = self.root / "latest.tmp"
+            pointer.write_text(final.name + "\n")
+            pointer.replace(self.root / "latest")
+            for old in find_checkpoints(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        if all_ranks:
+            self.backend.barrier()
+        log.info("saved checkpoint %s", final)
 
     def load(self, ckpt_dir: Path) -> dict:
         """Restore model, optimizer and this rank's RNG states; returns the trainer state."""

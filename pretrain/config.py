@@ -70,6 +70,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0, description="write metrics every N steps")
     checkpoint_every: int = Field(0, ge=0, description="save a checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints to keep")
+    async_checkpoint: bool = Field(False, description="write DCP checkpoints in the background while training continues (fsdp/ddp/single)")
     max_nonfinite_steps: int = Field(5, gt=0, description="stop after this many consecutive steps with a non-finite loss or gradient")
     stop_after_steps: int | None = Field(None, gt=0, description="end this process after this step (checkpoint saved, schedule unchanged); rerun to resume")
     resume: bool = Field(True, description="continue from the newest valid checkpoint in run_dir/checkpoints when there is one")
@@ -83,6 +84,12 @@ class TrainConfig(Section):
             raise ValueError(f"global_batch_tokens {self.global_batch_tokens} is not a multiple of seq_len {self.seq_len}")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _async_checkpoint(self):
+        if self.async_checkpoint and self.backend == "deepspeed":
+            raise ValueError("async_checkpoint needs DCP checkpoints (fsdp, ddp or single); DeepSpeed writes its own")
         return self
 
     def global_batch_sequences(self, world_size: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from ember.errors import UserError
 from ember.pretrain.backends.safe_load import SafeFileSystemReader
 
 METADATA_FILE = ".metadata"
+NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
 def is_dcp_checkpoint(ckpt_dir: Path) -> bool:
@@ -45,7 +47,7 @@ def open_reader(ckpt_dir: Path) -> SafeFileSystemReader:
 def _single_process_ok():
     """DCP warns on every save/load without a process group; one process is intended here (single backend)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
         yield
 
 
@@ -58,6 +60,24 @@ def save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path)
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     with _single_process_ok():
         dcp.save(_training_state(model, optimizer), checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
+
+
+def begin_save_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path,
+                   group: dist.ProcessGroup | None) -> Future:
+    """Collective: copy this rank's shards to CPU memory, then write them to `ckpt_dir` in a background thread.
+
+    Returns when the copy is made (async_save stages into fresh CPU storages, CPU tensors included), so later
+    optimizer steps do not change what is written. The future completes on every rank only after rank 0 wrote
+    the metadata, which DCP does once all ranks reported their shards written. `group` must be a gloo group of
+    its own: the write's collectives run in another thread and must not interleave with the training's.
+    """
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    no_dist = not dist.is_initialized()
+    if no_dist:
+        # One process (single backend): DCP warns from the writer thread, after any `with` block here has ended.
+        warnings.filterwarnings("ignore", message=NO_DIST_WARNING)
+    return dcp.async_save(_training_state(model, optimizer), checkpoint_id=str(ckpt_dir), process_group=group,
+                          no_dist=no_dist)
 
 
 def load_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Path) -> None:
