@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ember.errors import UserError
 
@@ -115,18 +114,16 @@ def set_rng_state(state: dict) -> None:
 class CheckpointManager:
     """Saves and restores checkpoints of one run; every method is collective (all ranks call it).
 
-    `async_save` None: as the run config's `train.async_checkpoint` says. Background saves need a backend
-    with `begin_save` (single/ddp/fsdp); the config refuses them with deepspeed.
+    `async_save` (`train.async_checkpoint`): write in the background. It needs a backend with `begin_save`
+    (single/ddp/fsdp); the config refuses it with deepspeed.
     """
 
     def __init__(self, run_dir: Path, backend, *, keep_last: int, config_yaml: str, config_digest: str,
-                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None, async_save: bool | None = None):
+                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.backend, self.keep_last = backend, keep_last
         self.config_yaml, self.config_digest = config_yaml, config_digest
         self.tokenizer_dir, self.token_ids = tokenizer_dir, token_ids or {}
-        if async_save is None:
-            async_save = bool(((yaml.safe_load(config_yaml) or {}).get("train") or {}).get("async_checkpoint"))
         self.async_save = async_save and hasattr(backend, "begin_save")
         if backend.rank == 0 and self.root.is_dir():  # left by a run killed while saving: never valid
             for stale in self.root.glob("step_*.tmp"):

@@ -147,7 +147,8 @@ def pretrain(cfg) -> dict:
     succeeded = False
     try:
         checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml, config_digest=config_hash(cfg),
-                                        tokenizer_dir=data.manifests[0].tokenizer_dir, token_ids=data.token_ids)
+                                        tokenizer_dir=data.manifests[0].tokenizer_dir, token_ids=data.token_ids,
+                                        async_save=t.async_checkpoint)
         loader = data.loader("train", global_batch, backend, cfg.data.num_workers)
         state = resume(checkpoints, loader, t.resume)
         start_step = state.step
