@@ -19,14 +19,6 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}".rstrip()
 
 
-def _global_batch(train, num_gpus: int) -> int:
-    if train.global_batch_size:
-        return train.global_batch_size
-    if train.global_batch_tokens:
-        return train.global_batch_tokens // train.seq_len
-    return train.micro_batch_size * num_gpus
-
-
 def _model_table(cfg, num_gpus: int) -> Table:
     from ember.pretrain import accounting
 
@@ -34,7 +26,7 @@ def _model_table(cfg, num_gpus: int) -> Table:
     counts = accounting.count_params(model)
     per_token = accounting.flops_per_token(model, train.seq_len)
     attention = per_token - 6.0 * accounting.matmul_params_per_token(model)
-    batch = _global_batch(train, num_gpus)
+    batch = train.global_batch_sequences(num_gpus)
     table = Table("model", "value", title=f"{model.arch}: {model.num_layers} layers x {model.hidden_size} wide", title_justify="left")
     table.add_row("parameters", f"{_human(counts['total'])}  ({counts['total']:,})")
     table.add_row("non-embedding", f"{_human(counts['non_embedding'])}  ({counts['non_embedding']:,})")
@@ -79,7 +71,7 @@ def _speed_line(cfg, num_gpus: int, gpu: str, mfu: float) -> str:
         raise UserError(f"no {precision} peak FLOP/s known for GPU {gpu!r}", "--gpu-type")
     per_token = accounting.flops_per_token(cfg.model, cfg.train.seq_len)
     tokens_per_s = mfu * flops * num_gpus / per_token
-    step_tokens = _global_batch(cfg.train, num_gpus) * cfg.train.seq_len
+    step_tokens = cfg.train.global_batch_sequences(num_gpus) * cfg.train.seq_len
     return (f"at {mfu:.0%} MFU on {num_gpus} x {gpu} ({_human(flops, 'FLOP/s')} {precision} each): "
             f"{_human(tokens_per_s)} tokens/s ({_human(tokens_per_s / num_gpus)} per GPU), "
             f"{step_tokens / tokens_per_s:.2f} s per step")
