@@ -15,7 +15,6 @@ from pretrain_runs import records, trained_run  # noqa: E402
 from ember.config import read_yaml, validate  # noqa: E402
 from ember.errors import UserError  # noqa: E402
 from ember.pretrain.config import TrainConfig  # noqa: E402
-from ember.pretrain.run import accumulation_steps  # noqa: E402
 from ember.run_config import RunConfig  # noqa: E402
 
 TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s",
@@ -71,11 +70,11 @@ def test_hf_export_is_written_at_the_end(run):
 
 
 def test_accumulation_is_derived_from_the_global_batch():
-    assert accumulation_steps(TrainConfig(global_batch_size=16, micro_batch_size=2), world_size=2) == 4
-    assert accumulation_steps(TrainConfig(global_batch_tokens=4096, seq_len=256, micro_batch_size=4), world_size=2) == 2
-    assert accumulation_steps(TrainConfig(micro_batch_size=4), world_size=3) == 1
+    assert TrainConfig(global_batch_size=16, micro_batch_size=2).accumulation_steps(2) == 4
+    assert TrainConfig(global_batch_tokens=4096, seq_len=256, micro_batch_size=4).accumulation_steps(2) == 2
+    assert TrainConfig(micro_batch_size=4).accumulation_steps(3) == 1
     with pytest.raises(UserError, match="micro_batch_size") as e:
-        accumulation_steps(TrainConfig(global_batch_size=12, micro_batch_size=4), world_size=2)
+        TrainConfig(global_batch_size=12, micro_batch_size=4).accumulation_steps(2)
     assert "train.global_batch_size" in e.value.where
 
 
