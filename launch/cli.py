@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import ember
@@ -52,11 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose)
     try:
-        code = args.func(args)
+        code = args.func(args) or 0
     except UserError as e:
         print(e.line(), file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code or 0)
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+        from ember.pretrain.distributed import exit_worker
+
+        exit_worker(code)
+    sys.exit(code)

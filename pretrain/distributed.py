@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -83,3 +86,17 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker without interpreter finalisation.
+
+    Gloo's C++ worker threads can hold objects that outlive the process group; destroying them while the
+    interpreter shuts down aborts the process ("terminate called without an active exception", SIGABRT)
+    after a run that succeeded. Everything is written by now: flush, then leave directly.
+    """
+    destroy()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ember.config import validate
 from ember.pretrain.backends import build_backend
+from ember.pretrain.distributed import exit_worker
 from ember.pretrain.optim import build_optimizer
 from ember.run_config import RunConfig
 
@@ -195,6 +196,7 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     path = Path(f"{args.out}.rank{rank}")
     path.write_text(json.dumps(results, indent=1))
+    exit_worker(0)
 
 
 if __name__ == "__main__":
