@@ -16,25 +16,13 @@ from pathlib import Path
 
 from ember.errors import UserError
 
-NOT_BUILT_MARK = "is not built yet"
 
-
-def run_stage(title: str, cmd: list[str]) -> bool:
-    """Run one stage; False when the command reports that it is not built yet."""
+def run_stage(title: str, cmd: list[str]) -> None:
+    """Run one stage as a user would type it; its log streams to the terminal."""
     print(f"\n== {title}\n$ {shlex.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
-    last_line = ""
-    for line in proc.stderr:  # stream the stage's log as it goes
-        if NOT_BUILT_MARK not in line:
-            sys.stderr.write(line)
-        last_line = line.strip() or last_line
-    code = proc.wait()
-    if code == 2 and NOT_BUILT_MARK in last_line:
-        print(f"   not built yet: {last_line}")
-        return False
+    code = subprocess.call(cmd)
     if code != 0:
         raise UserError(f"demo stage '{title}' failed with exit code {code}", shlex.join(cmd))
-    return True
 
 
 def print_sample(hf_dir: Path, prompt: str, max_new_tokens: int) -> None:
@@ -58,18 +46,16 @@ def run(args: argparse.Namespace) -> int:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(args.master_port)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    built = run_stage("prepare the built-in corpus (Python standard library source)",
-                      [*ember, "data", "prepare", "configs/data/stdlib.yaml", "--set", f"output_dir={data_dir}", "--overwrite"])
-    if built:
-        run_stage("inspect it", [*ember, "data", "inspect", str(data_dir), "--samples", "1"])
-    built = built and run_stage(
+    run_stage("prepare the built-in corpus (Python standard library source)",
+              [*ember, "data", "prepare", "configs/data/stdlib.yaml", "--set", f"output_dir={data_dir}", "--overwrite"])
+    run_stage("inspect it", [*ember, "data", "inspect", str(data_dir), "--samples", "1"])
+    run_stage(
         f"pretrain the tiny preset: {args.nproc} CPU processes, FSDP2",
         [*torchrun, "-m", "ember", "pretrain", "configs/pretrain/tiny.yaml", "--set", "train.backend=fsdp",
          "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: {data_dir}}}]", *sum((["--set", s] for s in args.overrides), [])],
     )
-    if built:
-        print_sample(run_dir / "hf", args.prompt, args.max_new_tokens)
-    print(f"\n== demo done: data in {data_dir}, run in {run_dir}" if built else "\n== demo done (stages marked 'not built yet' were skipped)")
+    print_sample(run_dir / "hf", args.prompt, args.max_new_tokens)
+    print(f"\n== demo done: data in {data_dir}, run in {run_dir}")
     return 0
 
 
