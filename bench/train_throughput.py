@@ -9,6 +9,9 @@ AdamW (fused, betas 0.9/0.95, decay 0.1), warmup + cosine schedule and gradient 
 
 - ember runs through its CLI, `ember pretrain configs/pretrain/tiny.yaml --set ...`, in a subprocess; its
   tokens/s are the `tokens_per_s` of the train records in `run_dir/metrics.jsonl` (logged every step).
+- "ember, Trainer's kernels" is the same run with `train.cpu_matmul=torch train.fused_loss=false`: torch's
+  default GEMM (MKL) and full logits, the kernels the Trainer runs. It separates what the loop does from what
+  ember's kernel choices (oneDNN GEMMs, chunked LM head + cross-entropy) do.
 - the Trainer runs in a subprocess of this script; a callback times each optimiser step
   (on_step_begin -> on_step_end: forward, backward, clip, optimiser, like ember's step time).
 
@@ -69,10 +72,15 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_ember(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
+# ember variants: name -> extra --set overrides.
+EMBER_VARIANTS = {"ember": [], "ember_trainer_kernels": ["train.cpu_matmul=torch", "train.fused_loss=false"]}
+LABELS = {"ember": "ember", "ember_trainer_kernels": "ember, Trainer's kernels", "trainer": "HF Trainer"}
+
+
+def run_ember(args: argparse.Namespace, data_dir: Path, run_dir: Path, extra: list[str] = ()) -> dict:
     """One `ember pretrain` process; returns its per-step tokens/s (after warm-up) and losses."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a run dir with checkpoints would resume instead of training
-    sets = [x for o in ember_overrides(args, data_dir, run_dir) for x in ("--set", o)]
+    sets = [x for o in [*ember_overrides(args, data_dir, run_dir), *extra] for x in ("--set", o)]
     cmd = [sys.executable, "-m", "ember", "pretrain", str(TINY), *sets]
     started, cpu = time.perf_counter(), child_cpu_seconds()
     proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=REPO, capture_output=True, text=True)
@@ -209,6 +217,7 @@ def main() -> None:
     import torch
 
     from ember.config import load_config
+    from ember.pretrain import cpu_matmul
     from ember.pretrain.accounting import count_params, flops_per_token
     from ember.pretrain.peak import measured_cpu_peak_flops
     from ember.run_config import RunConfig
@@ -220,58 +229,67 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0)
 
-    ember_rounds, trainer_rounds = [], []
-    cpu_per_step = {"ember": [], "trainer": []}
+    engines = [*EMBER_VARIANTS, "trainer"]
+    rounds: dict[str, list[dict]] = {name: [] for name in engines}
+    cpu_per_step: dict[str, list[float]] = {name: [] for name in engines}
     short = argparse.Namespace(**{**vars(args), "steps": args.warmup})
+
+    def run(name: str, run_args: argparse.Namespace) -> dict:
+        if name == "trainer":
+            return run_trainer(run_args, data_dir, work)
+        return run_ember(run_args, data_dir, work / f"{name}-run", EMBER_VARIANTS[name])
+
     for i in range(args.rounds):
-        print(f"round {i + 1}/{args.rounds}: ember ...", flush=True)
-        ember_rounds.append(run_ember(args, data_dir, work / f"ember-{i}"))
-        print(f"round {i + 1}/{args.rounds}: HF Trainer ...", flush=True)
-        trainer_rounds.append(run_trainer(args, data_dir, work))
-        if args.cpu_time:
-            # CPU seconds of a full run minus those of a run stopped after the warm-up: start-up, warm-up, the
-            # final eval and save cancel, leaving the measured steps; waiting for a busy core costs no CPU time.
-            print(f"round {i + 1}/{args.rounds}: short runs for CPU time per step ...", flush=True)
-            num = args.steps - args.warmup
-            cpu_per_step["ember"].append((ember_rounds[-1]["cpu_s"] - run_ember(short, data_dir, work / "ember-short")["cpu_s"]) / num)
-            cpu_per_step["trainer"].append((trainer_rounds[-1]["cpu_s"] - run_trainer(short, data_dir, work)["cpu_s"]) / num)
+        for name in engines:
+            print(f"round {i + 1}/{args.rounds}: {LABELS[name]} ...", flush=True)
+            rounds[name].append(run(name, args))
+            if args.cpu_time:
+                # CPU seconds of a full run minus those of a run stopped after the warm-up: start-up, warm-up, the
+                # final eval and save cancel, leaving the measured steps; waiting for a busy core costs no CPU time.
+                num = args.steps - args.warmup
+                cpu_per_step[name].append((rounds[name][-1]["cpu_s"] - run(name, short)["cpu_s"]) / num)
     # The peak again after the runs: a busy moment at the start would understate it.
+    cpu_matmul.matmul_seconds.cache_clear()
     measured_cpu_peak_flops.cache_clear()
     peak = max(peak, measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0))
+    threads = torch.get_num_threads()
+    gemm = {k: 2.0 * 1024**3 / cpu_matmul.matmul_seconds(k, num_threads=threads) / 1e9
+            for k in (["torch", "onednn"] if cpu_matmul.onednn_available() else ["torch"])}
 
     cfg = load_config(TINY, RunConfig, ember_overrides(args, data_dir, work / "unused"))
     per_token = flops_per_token(cfg.model, args.seq_len)
-    results = {"ember": summarise(ember_rounds, args.threads), "trainer": summarise(trainer_rounds, args.threads)}
+    results = {name: summarise(rounds[name], args.threads) for name in engines}
     ratio = results["ember"]["tokens_per_s"] / results["trainer"]["tokens_per_s"]
     print(f"\nmodel: {cfg.model.arch} {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocab {cfg.model.vocab_size}, "
           f"{count_params(cfg.model)['total']:,} params, fp32; batch {args.batch} x {args.seq_len} tokens, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.threads} thread(s), {args.rounds} round(s)")
-    print(f"FLOPs per token {per_token / 1e6:.2f} M; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'engine':12s} {'tokens/s p90':>12s} {'MFU p90':>8s} {'median':>8s} {'MFU med':>8s} {'rounds p90 / median':>24s} {'CPU share':>9s}  loss first -> last")
-    for name, label in (("ember", "ember"), ("trainer", "HF Trainer")):
+    print(f"FLOPs per token {per_token / 1e6:.2f} M; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"(1024^3 GEMM: {', '.join(f'{k} {v:.1f}' for k, v in gemm.items())} GFLOP/s; CPU {cpu_matmul.cpu_vendor() or 'unknown'})")
+    print(f"{'engine':26s} {'tokens/s p90':>12s} {'MFU p90':>8s} {'median':>8s} {'MFU med':>8s} {'rounds p90 / median':>24s} {'CPU share':>9s}  loss first -> last")
+    for name in engines:
         r = results[name]
         r["mfu"] = r["tokens_per_s"] * per_token / peak
         r["median_mfu"] = r["median_tokens_per_s"] * per_token / peak
-        rounds = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rounds_p90"], r["rounds_median"]))
-        print(f"{label:12s} {r['tokens_per_s']:12.1f} {r['mfu']:8.1%} {r['median_tokens_per_s']:8.1f} {r['median_mfu']:8.1%} "
-              f"{rounds:>24s} {r['cpu_share']:9.0%}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
+        rounds_text = " ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(r["rounds_p90"], r["rounds_median"]))
+        print(f"{LABELS[name]:26s} {r['tokens_per_s']:12.1f} {r['mfu']:8.1%} {r['median_tokens_per_s']:8.1f} {r['median_mfu']:8.1%} "
+              f"{rounds_text:>24s} {r['cpu_share']:9.0%}  {r['first_loss']:.4f} -> {r['last_loss']:.4f}")
     median_ratio = results["ember"]["median_tokens_per_s"] / results["trainer"]["median_tokens_per_s"]
-    print(f"median tokens/s ratio ember / HF Trainer: {median_ratio:.2f}x")
-    (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "median_ratio": median_ratio, "peak_flops": peak,
-                                                   "flops_per_token": per_token, "args": vars(args)}, indent=1))
-    cpu_ratio = None
+    same_kernels = results["ember_trainer_kernels"]["tokens_per_s"] / results["trainer"]["tokens_per_s"]
+    summary = {**results, "ratio": ratio, "median_ratio": median_ratio, "same_kernels_ratio": same_kernels,
+               "peak_flops": peak, "gemm_gflops": gemm, "flops_per_token": per_token, "args": vars(args)}
+    cpu_part = ""
     if args.cpu_time:
         tokens = args.batch * args.seq_len
         per_cpu_s = {name: tokens / min(xs) for name, xs in cpu_per_step.items()}
-        for name, label in (("ember", "ember"), ("trainer", "HF Trainer")):
-            print(f"{label:12s} CPU s/step {min(cpu_per_step[name]):.3f} (rounds: "
+        for name in engines:
+            print(f"{LABELS[name]:26s} CPU s/step {min(cpu_per_step[name]):.3f} (rounds: "
                   f"{', '.join(f'{x:.3f}' for x in cpu_per_step[name])}) -> {per_cpu_s[name]:.1f} tokens per CPU-second, "
                   f"MFU {per_cpu_s[name] * per_token / peak:.1%}")
-        cpu_ratio = per_cpu_s["ember"] / per_cpu_s["trainer"]
-        results["cpu_per_step_s"], results["cpu_ratio"] = cpu_per_step, cpu_ratio
-        (work / "results.json").write_text(json.dumps({**results, "ratio": ratio, "median_ratio": median_ratio, "peak_flops": peak,
-                                                       "flops_per_token": per_token, "args": vars(args)}, indent=1))
-    cpu_part = f", tokens per CPU-second {cpu_ratio:.2f}x" if cpu_ratio else ""
+        summary["cpu_per_step_s"] = cpu_per_step
+        summary["cpu_ratio"] = per_cpu_s["ember"] / per_cpu_s["trainer"]
+        cpu_part = f", tokens per CPU-second {summary['cpu_ratio']:.2f}x"
+    (work / "results.json").write_text(json.dumps(summary, indent=1))
+    print(f"ember with the Trainer's kernels / HF Trainer: tokens/s (p90) {same_kernels:.2f}x")
     print(f"ember / HF Trainer: tokens/s (p90) {ratio:.2f}x, median {median_ratio:.2f}x{cpu_part}")
 
 

@@ -63,6 +63,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     ac_every: int = Field(1, gt=0, description="checkpoint every k-th block when activation_checkpointing")
     compile: bool = Field(False, description="torch.compile each decoder block")
+    fused_loss: bool = Field(True, description="LM head and cross-entropy computed in row chunks, never storing the full logits")
+    cpu_matmul: Literal["auto", "onednn", "torch"] = Field(
+        "auto", description="fp32 GEMM on CPU: oneDNN's or torch's default (MKL); auto: oneDNN on non-Intel CPUs, where MKL takes its AVX2 path")
     cpu_offload: bool = Field(False, description="offload parameters/optimizer to CPU (fsdp, deepspeed)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config keys merged on top of the generated one")
     eval_every: int = Field(50, ge=0, description="evaluate on the validation split every N steps (0: only at the end)")

@@ -2,7 +2,7 @@
 
 GPUs: the vendors' dense (no structured sparsity) tensor-core figures, matched from `torch.cuda.get_device_name`.
 CPUs: there is no trustworthy spec sheet for a shared or virtual CPU, so the peak is measured: the best of a few
-large square matmuls under the current thread settings, once per process.
+large square matmuls under the current thread settings, with the fastest GEMM torch has, once per process.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import functools
 import logging
 import os
 import re
-import time
 
 import torch
+
+from ember.pretrain import cpu_matmul
 
 log = logging.getLogger("ember.pretrain.peak")
 
@@ -70,24 +71,12 @@ def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, num_threads: int
                             size: int = 1024, budget_s: float = 1.0) -> float:
     """Best FLOP/s of `size` x `size` matmuls on this CPU with the current torch thread count, cached per process.
 
-    A warm-up product first (lazy init, page faults), then repetitions for about `budget_s` seconds (at least 3);
-    the best one is kept, since other processes on a shared machine can only slow a run down.
+    Every GEMM torch carries is timed (its default BLAS, and oneDNN's where present) and the faster counts: MFU
+    is measured against what this CPU can do, not against whichever kernel a run happens to use.
     """
-    del num_threads  # part of the cache key only: the result depends on torch.get_num_threads()
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    start = time.perf_counter()
-    reps = 0
-    while reps < 3 or (time.perf_counter() - start < budget_s and reps < 50):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
-    return 2.0 * size**3 / best
+    kernels = ["torch", "onednn"] if cpu_matmul.onednn_available() else ["torch"]
+    seconds = min(cpu_matmul.matmul_seconds(k, dtype, size, num_threads, budget_s / len(kernels)) for k in kernels)
+    return 2.0 * size**3 / seconds
 
 
 def device_peak_flops(device: torch.device | str, dtype: torch.dtype | str = torch.float32) -> float | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.pretrain.fused_loss import has_fused_loss
+
 POISON_ENV = "EMBER_POISON_STEP"
 
 
@@ -56,10 +58,12 @@ def autocast(backend) -> contextlib.AbstractContextManager:
 
 
 def forward_loss(backend, tokens: torch.Tensor, z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of one micro-batch `tokens` (micro_batch, seq_len + 1) on this rank."""
+    """(loss to optimise, cross-entropy) of one micro-batch `tokens` (micro_batch, seq_len + 1) on this rank."""
     tokens = tokens.to(backend.device, non_blocking=True)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]  # (micro_batch, seq_len) each
     with autocast(backend):
+        if has_fused_loss(backend.module):
+            return backend.model(input_ids=inputs, loss_labels=labels, z_loss=z_loss)
         logits = backend.model(input_ids=inputs).logits  # (micro_batch, seq_len, vocab)
     return causal_lm_loss(logits, labels, z_loss)
 

@@ -72,7 +72,7 @@ def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     offload = isinstance(offload_policy, CPUOffloadPolicy)
     ensure_process_group(env)  # fully_shard needs a device mesh, also over one process
     model = build_meta_model(cfg.model)
-    apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
+    apply_model_techniques(model, cfg.train, env.device)
     apply_fsdp(model, mp_policy, offload_policy)
     model.to_empty(device="cpu" if offload else env.device)
     if offload:

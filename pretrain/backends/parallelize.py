@@ -1,6 +1,7 @@
 """Techniques applied to a plain HF model, one function each, in the build order every backend follows:
 
-    meta model -> activation checkpointing -> compile -> shard/wrap (backend) -> materialise -> init
+    meta model -> activation checkpointing -> CPU GEMM, fused loss -> compile -> shard/wrap (backend)
+    -> materialise -> init
 
 None of them renames parameters, so state dicts keep their Hugging Face names.
 """
@@ -8,14 +9,21 @@ None of them renames parameters, so state dicts keep their Hugging Face names.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ember.pretrain.config import ModelConfig
+from ember.errors import UserError
+from ember.pretrain.backends.base import resolve_autocast_dtype
+from ember.pretrain.config import ModelConfig, TrainConfig
+from ember.pretrain.cpu_matmul import onednn_available, onednn_by_default, use_onednn_linears
+from ember.pretrain.fused_loss import enable_fused_loss
 from ember.pretrain.model import build_meta_model, init_weights
+
+log = logging.getLogger("ember.pretrain.backends")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -56,10 +64,28 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=False)
 
 
-def apply_model_techniques(model: nn.Module, activation_checkpointing: bool, ac_every: int, compile: bool) -> None:
-    if activation_checkpointing:
-        apply_activation_checkpointing(model, ac_every)
-    if compile:
+def uses_onednn(train: TrainConfig, device: torch.device) -> bool:
+    """Whether the linear layers run on oneDNN: fp32 on CPU, not compiled (inductor picks its own kernels)."""
+    fp32_cpu = device.type == "cpu" and resolve_autocast_dtype(train.precision, device) is None
+    if train.cpu_matmul == "torch" or not fp32_cpu or train.compile:
+        return False
+    if train.cpu_matmul == "onednn":
+        if not onednn_available():
+            raise UserError("this torch build has no oneDNN (mkldnn); use cpu_matmul auto or torch", "train.cpu_matmul")
+        return True
+    return onednn_by_default()
+
+
+def apply_model_techniques(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
+    if train.activation_checkpointing:
+        apply_activation_checkpointing(model, train.ac_every)
+    onednn = uses_onednn(train, device)
+    if onednn:
+        use_onednn_linears(model)
+    fused = train.fused_loss and enable_fused_loss(model, onednn=onednn)
+    if train.fused_loss and not fused:
+        log.info("fused loss off: %s post-processes its logits", type(model).__name__)
+    if train.compile:
         apply_compile(model)
 
 

@@ -17,7 +17,7 @@ from ember.pretrain.model import build_meta_model, init_weights
 def build_local_model(cfg, device: torch.device) -> nn.Module:
     """Meta build -> checkpointing -> compile -> materialise on `device` -> deterministic init."""
     model = build_meta_model(cfg.model)
-    apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
+    apply_model_techniques(model, cfg.train, device)
     model.to_empty(device=device)
     init_weights(model, cfg.model, cfg.seed)
     return model

@@ -172,7 +172,7 @@ def build_partitioned_model(cfg, ds_config: dict, env: DistEnv) -> nn.Module:
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation or "sdpa",
                                                  dtype=torch.float32)
-    apply_model_techniques(model, cfg.train.activation_checkpointing, cfg.train.ac_every, cfg.train.compile)
+    apply_model_techniques(model, cfg.train, env.device)
     reference = build_initialised_model(cfg.model, cfg.seed, torch.device("cpu")) if env.rank == 0 else None
     ref_params = dict(reference.named_parameters()) if reference is not None else {}
     with torch.no_grad():
