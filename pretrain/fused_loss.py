@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ember.pretrain.cpu_matmul import OneDNNLinear, onednn_grad_weight, onednn_matmul_nt, torch_matmul_nt
+from ember.pretrain.cpu_matmul import OneDNNLinear, onednn_matmul_nt, torch_matmul_nt
 
 IGNORE_INDEX = -100  # labels of tokens without a target (padding, prompts in fine-tuning), as in HF
 
@@ -29,12 +29,6 @@ CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK_ROWS = 128
 
 MatmulNT = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (a, b) -> a @ b.T
-
-
-def _grad_weight(matmul_nt: MatmulNT, grad_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    if matmul_nt is onednn_matmul_nt:
-        return onednn_grad_weight(grad_logits, hidden)
-    return grad_logits.t() @ hidden
 
 
 def chunk_rows(num_rows: int, vocab_size: int) -> int:
@@ -49,16 +43,16 @@ def _chunk_loss(matmul_nt: MatmulNT, hidden: torch.Tensor, weight: torch.Tensor,
     valid = labels != IGNORE_INDEX  # (rows,)
     safe_labels = labels.clamp(min=0)
     target = logits.gather(1, safe_labels[:, None]).squeeze(1)  # (rows,)
-    row_max = logits.amax(dim=1)
-    probs = logits.sub_(row_max[:, None]).exp_()  # unnormalised, in place: the chunk's only (rows, vocab) buffer
-    total = probs.sum(dim=1)
-    log_z = row_max + total.log()  # (rows,) log-partition
+    row_max, argmax = logits.max(dim=1)
+    probs = torch.softmax(logits, dim=1, out=logits)  # in place: the chunk's only (rows, vocab) buffer
+    # log Z from the softmax itself: p(argmax) = exp(max - log Z), and p(argmax) >= 1/vocab cannot underflow.
+    log_z = row_max - probs.gather(1, argmax[:, None]).squeeze(1).log()  # (rows,)
     ce_sum = ((log_z - target) * valid).sum()
     z_sum = (log_z.square() * valid).sum()
     if not with_grads:
         return ce_sum, z_sum, None
     # d(ce + z * log_z^2)/d logits = softmax * (1 + 2 z log_z) - onehot(label), per valid row, times `scale`.
-    row_scale = torch.where(valid, scale * (1.0 + 2.0 * z_loss * log_z) / total, 0.0)
+    row_scale = torch.where(valid, scale * (1.0 + 2.0 * z_loss * log_z), 0.0)
     grad = probs.mul_(row_scale[:, None])
     rows = valid.nonzero().squeeze(1)
     grad[rows, safe_labels[rows]] -= scale
@@ -74,7 +68,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         grad_hidden = torch.empty_like(h)
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        # oneDNN: the weight gradient accumulates transposed, (d, V), its fast orientation for a wide head.
+        onednn = matmul_nt is onednn_matmul_nt
+        grad_weight = torch.zeros(weight.shape[::-1] if onednn else weight.shape, dtype=acc_dtype, device=weight.device)
         ce_sum = z_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         step = chunk_rows(h.shape[0], w.shape[0])
         for start in range(0, h.shape[0], step):
@@ -83,7 +79,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ce_sum, z_sum = ce_sum + ce, z_sum + z
             grad = grad.to(compute_dtype)
             grad_hidden[rows] = matmul_nt(grad, w.t())
-            grad_weight += _grad_weight(matmul_nt, grad, h[rows])
+            grad_weight += matmul_nt(h[rows].t(), grad.t()) if onednn else grad.t() @ h[rows]
+        grad_weight = grad_weight.t().contiguous() if onednn else grad_weight
         ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         ce = ce_sum * scale
         ctx.mark_non_differentiable(ce)

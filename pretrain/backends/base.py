@@ -22,7 +22,9 @@ def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype 
 class Backend:
     """Wraps model and optimizer; the loop calls forward via `model`, then backward/clip/step.
 
-    `model(input_ids=...)` returns an output with `.logits` (batch, seq, vocab). `optimizer.param_groups`
+    `model(input_ids=...)` returns an output with `.logits` (batch, seq, vocab); with the fused loss
+    (`fused_loss.has_fused_loss(module)`) `model(input_ids=..., loss_labels=...)` returns the losses without
+    materialising the logits. `optimizer.param_groups`
     is where the loop writes the learning rate each step. `module` is the plain HF model inside any wrapper.
     """
 

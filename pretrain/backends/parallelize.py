@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ember.errors import UserError
 from ember.pretrain.backends.base import resolve_autocast_dtype
 from ember.pretrain.config import ModelConfig, TrainConfig
+from ember.pretrain.cpu_attention import use_onednn_attention
 from ember.pretrain.cpu_matmul import onednn_available, onednn_by_default, use_onednn_linears
 from ember.pretrain.fused_loss import enable_fused_loss
 from ember.pretrain.model import build_meta_model, init_weights
@@ -82,6 +83,7 @@ def apply_model_techniques(model: nn.Module, train: TrainConfig, device: torch.d
     onednn = uses_onednn(train, device)
     if onednn:
         use_onednn_linears(model)
+        use_onednn_attention(model)
     fused = train.fused_loss and enable_fused_loss(model, onednn=onednn)
     if train.fused_loss and not fused:
         log.info("fused loss off: %s post-processes its logits", type(model).__name__)

@@ -1,4 +1,4 @@
-"""The chunked LM head + cross-entropy against the plain logits path, and the oneDNN linear layers."""
+"""The chunked LM head + cross-entropy against the plain logits path."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ember.errors import UserError
 from ember.pretrain import cpu_matmul, fused_loss
-from ember.pretrain.backends.parallelize import apply_model_techniques, uses_onednn
-from ember.pretrain.config import TrainConfig
 from ember.pretrain.fused_loss import IGNORE_INDEX, enable_fused_loss, has_fused_loss, linear_cross_entropy
 from ember.pretrain.step import causal_lm_loss
 
@@ -132,47 +128,3 @@ def test_models_that_post_process_logits_keep_the_plain_forward():
     model.config.logit_scale = 0.5  # as Cohere's head does: logits are not head(hidden) any more
     assert not enable_fused_loss(model)
     assert not has_fused_loss(model) and "forward" not in vars(model)
-
-
-@needs_onednn
-@pytest.mark.parametrize("bias", [False, True])
-def test_onednn_linear_equals_nn_linear(bias):
-    torch.manual_seed(0)
-    reference = nn.Linear(24, 40, bias=bias)
-    ours = nn.Linear(24, 40, bias=bias)
-    ours.load_state_dict(reference.state_dict())
-    assert cpu_matmul.use_onednn_linears(nn.Sequential(ours)) == 1 and isinstance(ours, cpu_matmul.OneDNNLinear)
-    x = torch.randn(3, 7, 24)
-    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, ref = ours(x_ours), reference(x_ref)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(ref)
-    out.backward(grad)
-    ref.backward(grad)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    for a, b in zip(ours.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
-
-
-def test_kernel_choice_follows_the_config(monkeypatch):
-    cpu = torch.device("cpu")
-    assert not uses_onednn(TrainConfig(cpu_matmul="torch"), cpu)
-    assert not uses_onednn(TrainConfig(cpu_matmul="onednn", compile=True), cpu)  # inductor picks its kernels
-    assert not uses_onednn(TrainConfig(cpu_matmul="onednn", precision="bf16"), cpu)
-    assert not uses_onednn(TrainConfig(cpu_matmul="onednn"), torch.device("cuda"))
-    monkeypatch.setattr("ember.pretrain.backends.parallelize.onednn_by_default", lambda: True)
-    assert uses_onednn(TrainConfig(), cpu)
-    monkeypatch.setattr("ember.pretrain.backends.parallelize.onednn_available", lambda: False)
-    with pytest.raises(UserError, match="train.cpu_matmul"):
-        uses_onednn(TrainConfig(cpu_matmul="onednn"), cpu)
-
-
-@needs_onednn
-def test_techniques_on_a_meta_model_keep_parameter_names():
-    from ember.pretrain.model import build_meta_model
-
-    plain, model = build_meta_model(tiny()), build_meta_model(tiny())
-    apply_model_techniques(model, TrainConfig(cpu_matmul="onednn"), torch.device("cpu"))
-    assert has_fused_loss(model)
-    assert isinstance(model.model.layers[0].mlp.down_proj, cpu_matmul.OneDNNLinear)
-    assert list(model.state_dict()) == list(plain.state_dict())
