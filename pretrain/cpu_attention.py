@@ -25,19 +25,26 @@ MAX_PROBS_BYTES = 64 << 20  # softmax probabilities kept for backward, per layer
 
 
 class _CausalAttention(torch.autograd.Function):
+    """Per (sequence, head): S = (scale * Q) K^T + causal bias, P = softmax(S), O = P V.
+
+    Every GEMM takes a contiguous first operand: oneDNN reads a transposed second operand in place but copies a
+    transposed first one, so the transposes backward needs (Q^T, dO^T) are made once for all heads.
+    """
+
     @staticmethod
     def forward(ctx, query, key, value, scaling: float):
         """query (B, H, S, D), key and value (B, Hkv, S, D) with H a multiple of Hkv -> (B, H, S, D)."""
         batch, heads, seq, _ = query.shape
         group = heads // key.shape[1]
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
-        future = torch.ones(seq, seq, dtype=torch.bool).triu_(1)
+        query, key, value = (query * scaling).contiguous(), key.contiguous(), value.contiguous()
+        causal_bias = torch.zeros(seq, seq, dtype=query.dtype).masked_fill_(
+            torch.ones(seq, seq, dtype=torch.bool).triu_(1), float("-inf"))
         out = torch.empty_like(query)
         probs = torch.empty(batch, heads, seq, seq, dtype=query.dtype)
         for b in range(batch):
             for h in range(heads):
                 k, v = key[b, h // group], value[b, h // group]
-                scores = onednn_matmul_nt(query[b, h], k).mul_(scaling).masked_fill_(future, float("-inf"))
+                scores = torch.ops.mkldnn._linear_pointwise.binary(query[b, h], causal_bias, k, None, "add")
                 torch.softmax(scores, dim=-1, out=probs[b, h])
                 out[b, h] = onednn_matmul_nt(probs[b, h], v.t())
         ctx.save_for_backward(query, key, value, out, probs)
@@ -46,23 +53,26 @@ class _CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, probs = ctx.saved_tensors
+        query, key, value, out, probs = ctx.saved_tensors  # query already scaled
         batch, heads, _, _ = query.shape
         group = heads // key.shape[1]
-        grad_out = grad_out.contiguous()
         grad_q = torch.empty_like(query)
-        grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)  # summed over the heads sharing them
+        # dK^T and dV^T, (B, Hkv, D, S): summed over the heads sharing them, transposed back once at the end.
+        grad_k_t = torch.zeros(key.transpose(-1, -2).shape, dtype=key.dtype)
+        grad_v_t = torch.zeros_like(grad_k_t)
+        query_t = query.transpose(-1, -2).contiguous()
+        grad_out_t = grad_out.transpose(-1, -2).contiguous()
+        grad_out = grad_out.contiguous()
         # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums once for all heads.
         delta = (grad_out * out).sum(-1, keepdim=True)  # (B, H, S, 1)
         for b in range(batch):
             for h in range(heads):
-                kv = h // group
-                p, do = probs[b, h], grad_out[b, h]
-                grad_v[b, kv] += onednn_matmul_nt(p.t(), do.t())
-                grad_scores = onednn_matmul_nt(do, value[b, kv]).sub_(delta[b, h]).mul_(p).mul_(ctx.scaling)
-                grad_q[b, h] = onednn_matmul_nt(grad_scores, key[b, kv].t())
-                grad_k[b, kv] += onednn_matmul_nt(grad_scores.t(), query[b, h].t())
-        return grad_q, grad_k, grad_v, None
+                kv, p = h // group, probs[b, h]
+                grad_v_t[b, kv] += onednn_matmul_nt(grad_out_t[b, h], p.t())  # dO^T P
+                grad_scores = onednn_matmul_nt(grad_out[b, h], value[b, kv]).sub_(delta[b, h]).mul_(p)
+                grad_q[b, h] = onednn_matmul_nt(grad_scores, key[b, kv].t())  # dS K
+                grad_k_t[b, kv] += onednn_matmul_nt(query_t[b, h], grad_scores.t())  # (scale Q)^T dS
+        return grad_q.mul_(ctx.scaling), grad_k_t.transpose(-1, -2), grad_v_t.transpose(-1, -2), None
 
 
 def fast_path(query, key, attention_mask, dropout: float, sliding_window, kwargs) -> bool:

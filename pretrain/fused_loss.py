@@ -43,10 +43,10 @@ def _chunk_loss(matmul_nt: MatmulNT, hidden: torch.Tensor, weight: torch.Tensor,
     valid = labels != IGNORE_INDEX  # (rows,)
     safe_labels = labels.clamp(min=0)
     target = logits.gather(1, safe_labels[:, None]).squeeze(1)  # (rows,)
-    row_max, argmax = logits.max(dim=1)
+    row_max = logits.amax(dim=1)
     probs = torch.softmax(logits, dim=1, out=logits)  # in place: the chunk's only (rows, vocab) buffer
-    # log Z from the softmax itself: p(argmax) = exp(max - log Z), and p(argmax) >= 1/vocab cannot underflow.
-    log_z = row_max - probs.gather(1, argmax[:, None]).squeeze(1).log()  # (rows,)
+    # log Z from the softmax itself: max(p) = exp(max - log Z), and max(p) >= 1/vocab cannot underflow.
+    log_z = row_max - probs.amax(dim=1).log()  # (rows,)
     ce_sum = ((log_z - target) * valid).sum()
     z_sum = (log_z.square() * valid).sum()
     if not with_grads:
@@ -59,32 +59,43 @@ def _chunk_loss(matmul_nt: MatmulNT, hidden: torch.Tensor, weight: torch.Tensor,
     return ce_sum, z_sum, grad
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype):
-        """hidden (N, d), weight (V, d), labels (N,) -> (loss to optimise, cross-entropy), means over valid rows."""
-        count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        scale = 1.0 / float(count)
-        h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+def _chunked(hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype, with_grads: bool):
+    """hidden (N, d), weight (V, d), labels (N,) -> loss, cross-entropy (means over valid rows) and, with
+    `with_grads`, the gradients of the loss with respect to `hidden` and `weight`."""
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    scale = 1.0 / float(count)
+    h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    acc_dtype = torch.promote_types(compute_dtype, torch.float32)
+    ce_sum = z_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+    grad_hidden = grad_weight = None
+    # oneDNN: the weight gradient accumulates transposed, (d, V), its fast orientation for a wide head.
+    onednn = matmul_nt is onednn_matmul_nt
+    if with_grads:
         grad_hidden = torch.empty_like(h)
-        # oneDNN: the weight gradient accumulates transposed, (d, V), its fast orientation for a wide head.
-        onednn = matmul_nt is onednn_matmul_nt
         grad_weight = torch.zeros(weight.shape[::-1] if onednn else weight.shape, dtype=acc_dtype, device=weight.device)
-        ce_sum = z_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-        step = chunk_rows(h.shape[0], w.shape[0])
-        for start in range(0, h.shape[0], step):
-            rows = slice(start, start + step)
-            ce, z, grad = _chunk_loss(matmul_nt, h[rows], w, labels[rows], z_loss, scale, with_grads=True)
-            ce_sum, z_sum = ce_sum + ce, z_sum + z
+    step = chunk_rows(h.shape[0], w.shape[0])
+    for start in range(0, h.shape[0], step):
+        rows = slice(start, start + step)
+        ce, z, grad = _chunk_loss(matmul_nt, h[rows], w, labels[rows], z_loss, scale, with_grads)
+        ce_sum, z_sum = ce_sum + ce, z_sum + z
+        if with_grads:
             grad = grad.to(compute_dtype)
             grad_hidden[rows] = matmul_nt(grad, w.t())
             grad_weight += matmul_nt(h[rows].t(), grad.t()) if onednn else grad.t() @ h[rows]
-        grad_weight = grad_weight.t().contiguous() if onednn else grad_weight
-        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
-        ce = ce_sum * scale
+    if with_grads:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+        grad_weight = (grad_weight.t().contiguous() if onednn else grad_weight).to(weight.dtype)
+    ce = ce_sum * scale
+    return ce + z_loss * z_sum * scale, ce, grad_hidden, grad_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype):
+        loss, ce, grad_hidden, grad_weight = _chunked(hidden, weight, labels, z_loss, matmul_nt, compute_dtype, True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(ce)
-        return ce + z_loss * z_sum * scale, ce
+        return loss, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
@@ -106,19 +117,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype)
-        return _loss_only(flat.to(compute_dtype), weight.to(compute_dtype), flat_labels, z_loss, matmul_nt)
-
-
-def _loss_only(hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT) -> tuple[torch.Tensor, torch.Tensor]:
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    ce_sum = z_sum = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-    step = chunk_rows(hidden.shape[0], weight.shape[0])
-    for start in range(0, hidden.shape[0], step):
-        rows = slice(start, start + step)
-        ce, z, _ = _chunk_loss(matmul_nt, hidden[rows], weight, labels[rows], z_loss, 1.0, with_grads=False)
-        ce_sum, z_sum = ce_sum + ce, z_sum + z
-    ce = ce_sum / count
-    return ce + z_loss * z_sum / count, ce
+        loss, ce, _, _ = _chunked(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype, with_grads=False)
+        return loss, ce
 
 
 class LossHead(nn.Linear):
