@@ -75,17 +75,20 @@ class _CausalAttention(torch.autograd.Function):
         return grad_q.mul_(ctx.scaling), grad_k_t.transpose(-1, -2), grad_v_t.transpose(-1, -2), None
 
 
-def fast_path(query, key, attention_mask, dropout: float, sliding_window, kwargs) -> bool:
+def fast_path(module: nn.Module, query, key, attention_mask, dropout: float, sliding_window, kwargs) -> bool:
+    """Plain causal self-attention over whole sequences in fp32 on CPU, small enough to keep P for backward."""
     batch, heads, seq, _ = query.shape
-    return (query.device.type == "cpu" and query.dtype == torch.float32 and attention_mask is None
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    return (query.device.type == "cpu" and query.dtype == torch.float32 and attention_mask is None and causal
             and key.shape[2] == seq and not dropout and (sliding_window is None or sliding_window >= seq)
-            and not kwargs.get("s_aux") and batch * heads * seq * seq * 4 <= MAX_PROBS_BYTES)
+            and kwargs.get("s_aux") is None and batch * heads * seq * seq * 4 <= MAX_PROBS_BYTES)
 
 
 def onednn_attention_forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, sliding_window: int | None = None, **kwargs):
     """transformers' attention interface: (B, H, S, D) inputs -> ((B, S, H, D) output, no weights)."""
-    if not fast_path(query, key, attention_mask, dropout, sliding_window, kwargs):
+    if not fast_path(module, query, key, attention_mask, dropout, sliding_window, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

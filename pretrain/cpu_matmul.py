@@ -2,8 +2,9 @@
 
 torch's CPU wheels send fp32 `mm` to MKL, which takes its AVX2 code path on non-Intel CPUs; oneDNN (also
 inside torch) JIT-compiles AVX-512 kernels for whatever CPU it finds. On this project's AMD EPYC machine that
-is 2.3x the matmul throughput, in full fp32 (no bf16 or TF32 shortcut). Which one is faster is measured, not
-assumed (`onednn_speedup`), since on Intel CPUs MKL is the better GEMM.
+is 2.3x the matmul throughput, in full fp32 (no bf16 or TF32 shortcut). On Intel CPUs MKL already runs its
+AVX-512 kernels, so torch's default stays (`onednn_by_default`); `matmul_seconds` times both, for the MFU peak
+and the benchmarks.
 
 `OneDNNLinear` is an `nn.Linear` whose forward and backward run on oneDNN; swapping the class keeps the
 parameters, their names and every hook (FSDP2, ZeRO-3) as they were.
@@ -38,7 +39,7 @@ def onednn_by_default() -> bool:
     """The `auto` choice: oneDNN on x86 CPUs that are not Intel's, where MKL runs its AVX2 path.
 
     A rule on the vendor, not a timing: every rank of a run, and a resumed run, must choose the same kernel,
-    or losses would differ in their last bits. `onednn_speedup` measures what the rule buys.
+    or losses would differ in their last bits. `bench/train_throughput.py` measures what the rule buys.
     """
     return onednn_available() and cpu_vendor() not in ("", "GenuineIntel")
 
@@ -130,11 +131,3 @@ def matmul_seconds(kernel: str, dtype: torch.dtype = torch.float32, size: int = 
     b = torch.randn(size, size, generator=gen).to(dtype)
     matmul = onednn_matmul_nt if kernel == "onednn" else torch_matmul_nt
     return _best_seconds(lambda: matmul(a, b), budget_s)
-
-
-def onednn_speedup() -> float:
-    """How many times faster oneDNN's fp32 GEMM is than torch's default one here (0 when oneDNN is missing)."""
-    if not onednn_available():
-        return 0.0
-    threads = torch.get_num_threads()
-    return matmul_seconds("torch", num_threads=threads) / matmul_seconds("onednn", num_threads=threads)

@@ -66,7 +66,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def uses_onednn(train: TrainConfig, device: torch.device) -> bool:
-    """Whether the linear layers run on oneDNN: fp32 on CPU, not compiled (inductor picks its own kernels)."""
+    """Whether linear layers and attention run on oneDNN: fp32 on CPU, not compiled (inductor picks its own kernels)."""
     fp32_cpu = device.type == "cpu" and resolve_autocast_dtype(train.precision, device) is None
     if train.cpu_matmul == "torch" or not fp32_cpu or train.compile:
         return False
@@ -78,12 +78,14 @@ def uses_onednn(train: TrainConfig, device: torch.device) -> bool:
 
 
 def apply_model_techniques(model: nn.Module, train: TrainConfig, device: torch.device) -> None:
+    """Everything `train` asks of the model itself, in place on the (meta) model before any backend wraps it."""
     if train.activation_checkpointing:
         apply_activation_checkpointing(model, train.ac_every)
     onednn = uses_onednn(train, device)
     if onednn:
         use_onednn_linears(model)
         use_onednn_attention(model)
+        log.info("fp32 linear layers and attention on oneDNN's GEMM (train.cpu_matmul=%s)", train.cpu_matmul)
     fused = train.fused_loss and enable_fused_loss(model, onednn=onednn)
     if train.fused_loss and not fused:
         log.info("fused loss off: %s post-processes its logits", type(model).__name__)

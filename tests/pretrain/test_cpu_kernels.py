@@ -111,3 +111,18 @@ def test_model_on_onednn_kernels_matches_the_plain_model(arch, monkeypatch):
     mask[0, :5] = 0
     torch.testing.assert_close(model(input_ids=tokens, attention_mask=mask).logits,
                                reference(input_ids=tokens, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_attention_that_is_not_plain_causal_takes_the_sdpa_path(monkeypatch):
+    from ember.pretrain.cpu_attention import _CausalAttention, onednn_attention_forward
+
+    monkeypatch.setattr(_CausalAttention, "apply", lambda *args: pytest.fail("oneDNN path taken"))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=gen) for _ in range(3))
+    bidirectional = nn.Module()
+    bidirectional.is_causal = False
+    out, _ = onednn_attention_forward(bidirectional, q, k, v, None)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v).transpose(1, 2))
+    window, _ = onednn_attention_forward(nn.Module(), q, k, v, None, sliding_window=4)  # window < sequence
+    assert window.shape == (1, 8, 2, 4)
