@@ -11,7 +11,8 @@ AdamW (fused, betas 0.9/0.95, decay 0.1), warmup + cosine schedule and gradient 
   tokens/s are the `tokens_per_s` of the train records in `run_dir/metrics.jsonl` (logged every step).
 - "ember, Trainer's kernels" is the same run with `train.cpu_matmul=torch train.fused_loss=false`: torch's
   default GEMM (MKL) and full logits, the kernels the Trainer runs. It separates what the loop does from what
-  ember's kernel choices (oneDNN GEMMs, chunked LM head + cross-entropy) do.
+  ember's kernel choices (oneDNN GEMMs, chunked LM head + cross-entropy) do. `--ablation` adds one row for
+  each choice undone alone.
 - the Trainer runs in a subprocess of this script; a callback times each optimiser step
   (on_step_begin -> on_step_end: forward, backward, clip, optimiser, like ember's step time).
 
@@ -72,9 +73,11 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-# ember variants: name -> extra --set overrides.
-EMBER_VARIANTS = {"ember": [], "ember_trainer_kernels": ["train.cpu_matmul=torch", "train.fused_loss=false"]}
-LABELS = {"ember": "ember", "ember_trainer_kernels": "ember, Trainer's kernels", "trainer": "HF Trainer"}
+# ember variants: name -> extra --set overrides. The last two run with --ablation only.
+EMBER_VARIANTS = {"ember": [], "ember_trainer_kernels": ["train.cpu_matmul=torch", "train.fused_loss=false"],
+                  "ember_torch_gemm": ["train.cpu_matmul=torch"], "ember_full_logits": ["train.fused_loss=false"]}
+LABELS = {"ember": "ember", "ember_trainer_kernels": "ember, Trainer's kernels", "ember_torch_gemm": "ember, torch GEMM",
+          "ember_full_logits": "ember, full logits", "trainer": "HF Trainer"}
 
 
 def run_ember(args: argparse.Namespace, data_dir: Path, run_dir: Path, extra: list[str] = ()) -> dict:
@@ -209,6 +212,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="prepared dataset (default: WORK_DIR/data, prepared if missing)")
     parser.add_argument("--no-cpu-time", dest="cpu_time", action="store_false",
                         help="skip the short runs that measure CPU seconds per step (the contention-robust figure)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also run ember with only one of its kernel choices undone (torch GEMM; full logits)")
     parser.add_argument("--trainer-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer_worker:
@@ -229,7 +234,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = measured_cpu_peak_flops(torch.float32, args.threads, budget_s=2.0)
 
-    engines = [*EMBER_VARIANTS, "trainer"]
+    engines = ["ember", "ember_trainer_kernels", *(["ember_torch_gemm", "ember_full_logits"] if args.ablation else []), "trainer"]
     rounds: dict[str, list[dict]] = {name: [] for name in engines}
     cpu_per_step: dict[str, list[float]] = {name: [] for name in engines}
     short = argparse.Namespace(**{**vars(args), "steps": args.warmup})
