@@ -153,7 +153,9 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
 #   SwiGLU MLP: RMSNorm 3h; gate F, up F, silu(gate) F, product F                            -> 3h + 4F
 #   (gpt_neox: LayerNorms 2 * 3h, qkv 3h, attention output h, MLP 2F -> 10h + 2F;
 #    mixtral: the MLP's F terms times experts_per_token)
-# plus the head: final norm 3h and the logits (compute dtype) with their fp32 log-softmax, V * (e + 4) bytes.
+# plus the head: final norm 3h and the logits (compute dtype) with their fp32 log-softmax, V * (e + 4) bytes; with
+# the fused loss (train.fused_loss) no logits are kept, only the gradients it computed in forward: d hidden, h per
+# token, and d weight, V x h in fp32 once per micro-batch.
 # With activation checkpointing a checkpointed block keeps only its input (h elements per token), and one block's
 # full activations exist again while it is recomputed in backward.
 
@@ -204,7 +206,7 @@ def _activation_elements_per_token(model_cfg: ModelConfig) -> tuple[int, int]:
 
 
 def activation_bytes(model_cfg: ModelConfig, micro_batch: int, seq_len: int, precision: str,
-                     checkpointing: bool, ac_every: int = 1) -> int:
+                     checkpointing: bool, ac_every: int = 1, fused_loss: bool = False) -> int:
     """Activations one rank holds at the peak of backward for one micro-batch (formula above)."""
     elem = 4 if precision == "fp32" else 2
     tokens = micro_batch * seq_len
@@ -214,8 +216,10 @@ def activation_bytes(model_cfg: ModelConfig, micro_batch: int, seq_len: int, pre
     per_token = (num_layers - num_checkpointed) * full * elem + num_checkpointed * kept * elem
     if num_checkpointed:
         per_token += full * elem  # the block being recomputed
-    head = 3 * model_cfg.hidden_size * elem + model_cfg.vocab_size * (elem + 4)
-    return tokens * (per_token + head)
+    hidden, vocab = model_cfg.hidden_size, model_cfg.vocab_size
+    if fused_loss:
+        return tokens * (per_token + 4 * hidden * elem) + vocab * hidden * 4
+    return tokens * (per_token + 3 * hidden * elem + vocab * (elem + 4))
 
 
 def memory_per_rank(cfg, world_size: int, *, on_gpu: bool = True, backend: str | None = None) -> dict[str, int]:
@@ -249,8 +253,8 @@ def memory_per_rank(cfg, world_size: int, *, on_gpu: bool = True, backend: str |
         state = {"weights": weights, "grads": grads, "optimizer": optimizer}
         offloaded = sum(state[k] for k in moved)
         weights, grads, optimizer = (0 if k in moved else state[k] for k in ("weights", "grads", "optimizer"))
-    act = {ac: activation_bytes(model_cfg, train.micro_batch_size, train.seq_len, precision, ac, train.ac_every)
-           for ac in (False, True)}
+    act = {ac: activation_bytes(model_cfg, train.micro_batch_size, train.seq_len, precision, ac, train.ac_every,
+                                train.fused_loss) for ac in (False, True)}
     activations = act[train.activation_checkpointing]
     return {
         "weights": weights, "grads": grads, "optimizer": optimizer, "gathered": gathered, "offloaded": offloaded,

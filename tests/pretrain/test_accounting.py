@@ -13,6 +13,7 @@ import ember
 from ember.config import load_config
 from ember.pretrain import accounting
 from ember.pretrain.config import ModelConfig
+from ember.pretrain.fused_loss import enable_fused_loss
 from ember.pretrain.model import build_meta_model, init_weights
 from ember.run_config import RunConfig
 
@@ -146,7 +147,8 @@ def test_checkpointing_every_kth_block_lies_between():
     assert accounting.activation_bytes(cfg, 2, 64, "bf16", False) < full
 
 
-def test_activation_formula_matches_saved_tensors():
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_activation_formula_matches_saved_tensors(fused_loss):
     # Sum the bytes autograd saves for backward in a real forward + loss, and compare with the formula.
     cfg = model_cfg(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=352, vocab_size=512)
     model = build_meta_model(cfg)
@@ -163,11 +165,18 @@ def test_activation_formula_matches_saved_tensors():
 
     batch, seq = 4, 64
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    logits_bytes = 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=tokens[:, :-1]).logits  # (batch, seq, vocab), alive until the loss is reduced
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    measured = sum(saved.values()) + logits.numel() * logits.element_size()
-    estimate = accounting.activation_bytes(cfg, batch, seq, "fp32", False)
+        if fused_loss:
+            assert enable_fused_loss(model)
+            model(input_ids=inputs, loss_labels=labels)
+        else:
+            logits = model(input_ids=inputs).logits  # (batch, seq, vocab), alive until the loss is reduced
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            logits_bytes = logits.numel() * logits.element_size()
+    measured = sum(saved.values()) + logits_bytes
+    estimate = accounting.activation_bytes(cfg, batch, seq, "fp32", False, fused_loss=fused_loss)
     assert estimate == pytest.approx(measured, rel=0.15)
 
 
