@@ -15,7 +15,7 @@ from ember.pretrain.model import build_meta_model, init_weights
 
 
 def build_local_model(cfg, device: torch.device) -> nn.Module:
-    """Meta build -> checkpointing -> compile -> materialise on `device` -> deterministic init."""
+    """Meta build -> model techniques (checkpointing, kernels, fused loss, compile) -> materialise on `device` -> init."""
     model = build_meta_model(cfg.model)
     apply_model_techniques(model, cfg.train, device)
     model.to_empty(device=device)
