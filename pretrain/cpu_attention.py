@@ -1,7 +1,7 @@
 """Causal self-attention on oneDNN's GEMM, for fp32 training on CPUs where it beats torch's BLAS (see cpu_matmul).
 
 torch's flash-attention kernel for CPU does its matmuls through MKL, so on a non-Intel CPU attention runs at the
-AVX2 rate. This implementation runs each (sequence, head) pair as four GEMMs on oneDNN (two forward, four
+AVX2 rate. This implementation runs each (sequence, head) pair as six GEMMs on oneDNN (two forward, four
 backward) and keeps the softmax probabilities for backward: O(seq^2) memory per layer, so it is only taken while
 that stays small (`MAX_PROBS_BYTES`); longer sequences, masks (padding), sliding windows and dropout go to
 torch's `scaled_dot_product_attention` through transformers' own sdpa function.
