@@ -8,7 +8,9 @@ param groups every step), the accumulation boundary (given per micro batch) and 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -108,19 +110,58 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG)
 
     def load(self, ckpt_dir: Path) -> None:
+        """Restore model and optimizer; a checkpoint from another world size goes through DeepSpeed's universal
+        checkpoint format (converted once, into the checkpoint's `universal` folder, then loaded from there)."""
         tag_dir = Path(ckpt_dir) / CHECKPOINT_TAG
         if not tag_dir.is_dir():
             raise UserError(f"no DeepSpeed checkpoint (folder {CHECKPOINT_TAG!r}) in {ckpt_dir}", str(ckpt_dir))
         num_saved_ranks = len(list(tag_dir.glob("*optim_states.pt")))
+        load_dir = Path(ckpt_dir)
         if num_saved_ranks != self.world_size:
-            raise UserError(f"this DeepSpeed checkpoint was written by {num_saved_ranks} rank(s) and resumes only on as "
-                            f"many (this run has {self.world_size}); its full weights load anywhere through export",
-                            str(ckpt_dir))
-        with weights_only_torch_load(ckpt_dir):
-            path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False, load_module_strict=True)
+            load_dir = self._universal_copy(Path(ckpt_dir))
+            self.engine._config.load_universal_checkpoint = True
+        # The universal loader gives every param group the first group's hyperparameters (weight decay included);
+        # ember's groups differ, so they are put back after the load.
+        groups = self.zero_optimizer.optimizer.param_groups
+        hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+        try:
+            with weights_only_torch_load(ckpt_dir):
+                path, _ = self.engine.load_checkpoint(str(load_dir), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False, load_module_strict=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        for group, saved in zip(groups, hyperparameters):
+            group.update(saved)
+        if load_dir != Path(ckpt_dir):
+            # The universal loader gives every sub-group the same `step` tensor, which the fused AdamW increments in
+            # place, once per sub-group: each needs its own.
+            state = self.zero_optimizer.optimizer.state
+            for values in state.values():
+                if torch.is_tensor(values.get("step")):
+                    values["step"] = values["step"].clone()
         if path is None:
             raise UserError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}", str(ckpt_dir))
+
+    def _universal_copy(self, ckpt_dir: Path) -> Path:
+        """`ckpt_dir` converted to a universal checkpoint in `ckpt_dir/universal` (rank 0 converts, once; any
+        world size loads it, and it goes when the checkpoint is pruned)."""
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        out = ckpt_dir / "universal"
+        if self.rank == 0 and not (out / "latest_universal").is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            args = argparse.Namespace(input_folder=str(ckpt_dir / CHECKPOINT_TAG), output_folder=str(tmp / CHECKPOINT_TAG),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            with weights_only_torch_load(ckpt_dir), contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal.main(args)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        self.barrier()
+        return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """fp32 master weights, gathered from the ZeRO partitions (collective on every rank)."""

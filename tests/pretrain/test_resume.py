@@ -62,21 +62,38 @@ def test_resume_skips_an_unfinished_checkpoint(tmp_path, small_dataset):
     assert not (ckpts / "step_00000006.tmp").exists() and (ckpts / "latest").read_text().strip() == "step_00000006"
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_fsdp_resume_is_bit_identical_and_reshards_to_one_rank(tmp_path, small_dataset):
-    full, resumed = stop_and_resume(tmp_path, small_dataset, "train.backend=fsdp", nproc=2)
-    assert_bit_identical(full, resumed, 11, 20)
-    # The 2-rank checkpoint of step 10 continues on 1 rank (same global batch, twice the accumulation).
+def assert_continues_on_one_rank(tmp_path: Path, full: Path, *sets: str, steps: int = 20) -> None:
+    """The 2-rank checkpoint of the half-way step continues on 1 rank (same global batch, twice the accumulation)
+    with the losses of the uninterrupted 2-rank run."""
     one_rank = tmp_path / "at_half"
-    pretrain(tmp_path / "run.yaml", f"run_dir={one_rank}", "train.backend=fsdp", nproc=1)
+    proc = pretrain(tmp_path / "run.yaml", f"run_dir={one_rank}", *sets, nproc=1)
+    assert "resumed from" in proc.stderr
     two, one = train_losses(full), train_losses(one_rank)
-    for step in range(11, 21):
+    for step in range(steps // 2 + 1, steps + 1):
         assert one[step] == pytest.approx(two[step], rel=1e-4), step
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_deepspeed_resume_is_bit_identical(tmp_path, small_dataset):
+def test_fsdp_resume_is_bit_identical_and_reshards_to_one_rank(tmp_path, small_dataset):
+    full, resumed = stop_and_resume(tmp_path, small_dataset, "train.backend=fsdp", nproc=2)
+    assert_bit_identical(full, resumed, 11, 20)
+    assert_continues_on_one_rank(tmp_path, full, "train.backend=fsdp")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_resume_is_bit_identical_and_reshards_to_one_rank(tmp_path, small_dataset):
     full, resumed = stop_and_resume(tmp_path, small_dataset, "train.backend=deepspeed", nproc=2)
     assert_bit_identical(full, resumed, 11, 20)
+    # ZeRO-3 at another world size: through DeepSpeed's universal checkpoint, written into the checkpoint once.
+    assert_continues_on_one_rank(tmp_path, full, "train.backend=deepspeed")
+    assert (tmp_path / "at_half" / "checkpoints" / "step_00000010" / "universal" / "latest_universal").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero2_checkpoint_reshards_to_one_rank(tmp_path, small_dataset):
+    sets = ("train.backend=deepspeed", "train.zero_stage=2")
+    full, _ = stop_and_resume(tmp_path, small_dataset, *sets, nproc=2, steps=8)
+    assert_continues_on_one_rank(tmp_path, full, *sets, steps=8)
