@@ -153,11 +153,17 @@ class DeepSpeedBackend(Backend):
         if self.rank == 0 and not (out / "latest_universal").is_file():
             tmp = out.with_name(out.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            # inject_missing_state: ZeRO-1/2 checkpoints lack the universal-info marker that only tensor/pipeline
+            # parallel models need to fill in; ember's models have none, so the bare marker is right.
             args = argparse.Namespace(input_folder=str(ckpt_dir / CHECKPOINT_TAG), output_folder=str(tmp / CHECKPOINT_TAG),
                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                                       inject_missing_state=True)
-            with weights_only_torch_load(ckpt_dir), contextlib.redirect_stdout(io.StringIO()):
-                ds_to_universal.main(args)
+            try:
+                with weights_only_torch_load(ckpt_dir), contextlib.redirect_stdout(io.StringIO()):
+                    ds_to_universal.main(args)
+            except (AssertionError, RuntimeError, ValueError, KeyError, NotImplementedError) as e:
+                raise UserError(f"cannot convert this DeepSpeed checkpoint to resume it on {self.world_size} rank(s): "
+                                f"{e}", str(ckpt_dir)) from None
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         self.barrier()
