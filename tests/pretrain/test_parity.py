@@ -79,6 +79,17 @@ def test_two_rank_fsdp_checkpoint_continues_on_one_rank(backend):
     assert_close_losses(losses(result["steps"]), two_rank, f"{backend} on 1 rank from a 2-rank fsdp checkpoint")
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_rank_zero_checkpoint_continues_on_one_rank(stage):
+    # Another world size goes through DeepSpeed's universal checkpoint format, converted into the checkpoint once.
+    _, runs = standard_runs()
+    spec = f"deepspeed:{stage}"
+    ckpt = workdir() / "ckpt" / spec.replace(":", "_")
+    result = launch(1, spec, "--steps", "6", "--load-from", str(ckpt), "--load-step", "3")[0][0]
+    assert result["world_size"] == 1 and (ckpt / "universal" / "latest_universal").is_file()
+    assert_close_losses(losses(result["steps"]), losses(runs[spec][0]["steps"][3:]), f"ZeRO-{stage} on 1 rank")
+
+
 def test_two_rank_fsdp_checkpoint_continues_on_four_ranks():
     ckpt, two_rank = fsdp_checkpoint()
     ranks = launch(4, "fsdp,ddp", "--steps", "6", "--load-from", str(ckpt), "--load-step", "3")
