@@ -56,8 +56,9 @@ def torch_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def onednn_grad_weight(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """grad_out.T @ inputs ((M, N), (M, K) -> (N, K)): the weight gradient of a linear layer.
 
-    oneDNN is fastest when the wide side of the product is its output's rows: for a wide output (the LM head:
-    N = vocab >> K = hidden) the transposed product is computed and copied back, which costs one (N, K) copy.
+    Either way a transposed operand goes first, and oneDNN copies a strided first operand: the narrower of the
+    two is put there. For N > K that means computing the transposed product and copying it back, one weight-sized
+    (N, K) copy.
     """
     if grad_out.shape[1] > inputs.shape[1]:
         return onednn_matmul_nt(inputs.t(), grad_out.t()).t().contiguous()
