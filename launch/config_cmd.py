@@ -51,7 +51,7 @@ def fields(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import add_set_option
+    from ember.launch.options import add_set_option
 
     group = sub.add_parser("config", help="show resolved configs and the fields they may hold")
     cmds = group.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)

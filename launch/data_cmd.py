@@ -68,7 +68,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import add_set_option
+    from ember.launch.options import add_set_option
 
     p = sub.add_parser("data", help="tokenizer training, dataset preparation, inspection and verification",
                        description="Prepare token-shard datasets and check them.")

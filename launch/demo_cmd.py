@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import add_set_option
+    from ember.launch.options import add_set_option
 
     p = sub.add_parser("demo", help="run the built-in demo: prepare the stdlib corpus, pretrain the tiny model with FSDP, export, sample")
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its dataset and its run")

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import add_set_option
+    from ember.launch.options import add_set_option
 
     p = sub.add_parser(
         "estimate", help="parameters, FLOPs and memory per rank of a config",

@@ -20,13 +20,13 @@ def run_export(args: argparse.Namespace) -> int:
 
     from ember.pretrain.export import export_checkpoint
 
-    out = export_checkpoint(Path(args.checkpoint), Path(args.out))
+    out = export_checkpoint(Path(args.checkpoint), Path(args.out), overwrite=args.overwrite)
     print(f"exported {args.checkpoint} to {out} (Hugging Face format)")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ember.launch.cli import add_set_option
+    from ember.launch.options import add_set_option
 
     p = sub.add_parser(
         "pretrain", help="pretrain a model (alone, or under torchrun --nproc_per_node N -m ember pretrain ...)",
@@ -40,5 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face model directory")
     p.add_argument("checkpoint", help="a checkpoint directory (checkpoints/step_XXXXXXXX), or a run directory (its newest checkpoint)")
     p.add_argument("--to", choices=["hf"], default="hf", help="export format (hf: config.json + model.safetensors + tokenizer)")
-    p.add_argument("out", help="output directory (replaced if it exists)")
+    p.add_argument("out", help="output directory: new, empty, or an earlier ember export (whose files are replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that holds no ember export (same-named files are replaced, others kept)")
     p.set_defaults(func=run_export)

@@ -53,17 +53,22 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def free_port() -> int:
+    """A TCP port that was free on this machine a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_process_group(env: DistEnv) -> None:
     """A one-process group on a free local port when running alone: FSDP2 and DeepSpeed need one even then."""
     if dist.is_initialized():
         return
-    import socket
-
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", rank=0, world_size=1)

@@ -1,0 +1,76 @@
+"""`python -m ember.launch.elastic TORCHRUN_ARGS`: torchrun itself, with ember's fault contract at its ends.
+
+The arguments are torchrun's, parsed and run by torch's own `torch.distributed.run`; the elastic agent,
+rendezvous and restarts are torch's. Three things differ, all about how a job ends:
+- a worker that stops on a user error (its own or a peer's) sends this agent SIGUSR2 (env
+  `EMBER_ELASTIC_AGENT`): the agent stops the other workers at once instead of restarting them, and
+  exits 2; the worker has printed the one error line;
+- workers that all stopped on a preemption exit `EXIT_PREEMPTED`, and so does this agent;
+- any other failure is one line naming the rank and its exit code instead of torchrun's traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from ember.pretrain.faults import AGENT_ENV, EXIT_PREEMPTED, EXIT_USER_ERROR
+
+
+class _Stopped:
+    """Why the agent was told to stop (set by the signal handler)."""
+
+    user_error = False
+
+
+def _on_worker_user_error(signum, frame) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    _Stopped.user_error = True
+    # torch's own shutdown path for a signalled agent: SIGTERM to every worker, no restart.
+    raise SignalException("a worker stopped on a user error", sigval=signal.SIGTERM)
+
+
+def exit_code(failures: dict[int, int]) -> tuple[int, str | None]:
+    """The agent's exit code and its one line, from the failed workers' exit codes by global rank."""
+    codes = set(failures.values())
+    if EXIT_USER_ERROR in codes:
+        return EXIT_USER_ERROR, None  # the worker printed its line
+    if codes == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED, f"preempted: the workers saved a checkpoint and exited {EXIT_PREEMPTED}; start the job again to resume"
+    rank, code = min(failures.items())
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    return 1, f"error: worker rank {rank} failed ({how}; its log is run_dir/logs/rank{rank}.log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ[AGENT_ENV] = str(os.getpid())
+    signal.signal(signal.SIGUSR2, _on_worker_user_error)
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        code, line = exit_code({f.global_rank: f.exitcode for f in e.failures.values()})
+        if line:
+            print(line, file=sys.stderr)
+        return code
+    except SignalException as e:
+        if _Stopped.user_error:
+            return EXIT_USER_ERROR
+        print(f"stopped by {signal.Signals(e.sigval).name}: the workers were told to checkpoint and exit", file=sys.stderr)
+        return EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # torch's elastic threads may still hold the interpreter; everything is written
