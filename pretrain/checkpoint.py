@@ -40,6 +40,28 @@ TRAIN_RESUMABLE_CHANGES = {"backend", "zero_stage", "micro_batch_size", "eval_ev
                            "async_checkpoint"}
 
 
+# Model fields that fix the parameters' shapes: a checkpoint loads only into the model it was trained as.
+SHAPE_FIELDS = ("arch", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
+                "tie_embeddings", "hf_overrides")
+
+
+def check_resumable_shape(run_dir: Path, model_cfg) -> None:
+    """One clear error, on every rank and before anything is written, when the newest checkpoint in `run_dir` was
+    trained with another model shape (else the weights would fail to load deep inside the backend)."""
+    from ember.config import read_yaml
+
+    found = find_checkpoints(Path(run_dir) / "checkpoints")
+    if not found or not (found[-1] / "config.yaml").is_file():
+        return
+    saved = read_yaml(found[-1] / "config.yaml").get("model")
+    current = model_cfg.model_dump(mode="json")
+    for name in SHAPE_FIELDS:
+        if isinstance(saved, dict) and name in saved and saved[name] != current[name]:
+            raise UserError(f"model.{name} is {current[name]!r} but the checkpoint was trained with {saved[name]!r}; "
+                            "a run resumes only with its own model shape (use a new run_dir, or train.resume=false)",
+                            str(found[-1]))
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 

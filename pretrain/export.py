@@ -1,6 +1,7 @@
 """Hugging Face export: a model directory that `AutoModelForCausalLM.from_pretrained` loads.
 
-Written as `OUT.tmp` and renamed, so a failed export never leaves a half-written model.
+Staged in `OUT.tmp` and then moved into place (`export_dir`), so a failed export never leaves a half-written
+model, and files of OUT that no ember export wrote are never deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from ember.config import read_yaml, validate
 from ember.errors import UserError
 from ember.pretrain.config import ModelConfig
+from ember.pretrain.export_dir import check_export_target, publish_export
 
 log = logging.getLogger("ember.pretrain.export")
 
@@ -67,19 +69,18 @@ def write_hf_export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    publish_export(tmp, out_dir)  # replaces an earlier export's files, never deletes other files
     log.info("exported a Hugging Face model to %s", out_dir)
     return out_dir
 
 
-def export_checkpoint(ckpt: Path, out_dir: Path) -> Path:
+def export_checkpoint(ckpt: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Offline export of a saved checkpoint (one process, no process group)."""
     from ember.pretrain.backends import load_full_weights
     from ember.pretrain.checkpoint import read_trainer_state, resolve_checkpoint
     from ember.run_config import RunConfig
 
+    check_export_target(out_dir, overwrite)  # before minutes of loading weights
     ckpt = resolve_checkpoint(Path(ckpt))
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():

@@ -18,7 +18,7 @@ from ember.config import to_yaml
 from ember.errors import UserError
 from ember.logs import add_log_file
 from ember.pretrain import distributed
-from ember.pretrain.checkpoint import CheckpointManager, config_hash
+from ember.pretrain.checkpoint import CheckpointManager, check_resumable_shape, config_hash
 from ember.pretrain.loop import LoopState, train
 from ember.pretrain.metrics import Metrics
 from ember.pretrain.optim import build_optimizer
@@ -137,6 +137,8 @@ def pretrain(cfg) -> dict:
     env = distributed.init_distributed()
     num_micro = t.accumulation_steps(env.world_size)  # before anything is written: a bad batch is a user error
     global_batch = t.global_batch_sequences(env.world_size)
+    if t.resume:
+        check_resumable_shape(cfg.run_dir, cfg.model)
     config_yaml = setup_run_dir(cfg, env.rank)
     seed_everything(cfg.seed)
     data = prepare_data(cfg, env.rank)

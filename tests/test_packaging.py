@@ -1,4 +1,4 @@
-"""A wheel built from the repository carries every subpackage and the presets."""
+"""A wheel built from the repository carries every subpackage, the presets and the license, without a setuptools warning."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(REPO)],
-                   check=True, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path / "dist"),
+                            str(REPO)], check=True, capture_output=True, text=True)
+    # Our configuration draws no setuptools warning: SPDX license, every folder of the package listed.
+    for warning in ("BuildBackendWarning", "SetuptoolsDeprecationWarning", "would be ignored"):
+        assert warning not in build.stdout + build.stderr, warning
     wheel = next((tmp_path / "dist").glob("ember-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "ember/configs/pretrain/tiny.yaml" in names and "ember/configs/models/llama-5m.yaml" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata
     assert not any(n.startswith(("ember/tests/", "ember/.venv", "ember/bench/")) for n in names)
 
     # A fresh venv; the heavy dependencies are this interpreter's (the import check is about ember's own layout).

@@ -97,3 +97,33 @@ def test_export_of_something_that_is_not_a_checkpoint_is_one_clear_error(tmp_pat
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no complete checkpoint")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_never_deletes_what_the_target_held(run, tmp_path):
+    """A non-empty directory that holds no ember export is refused (exit 2, untouched) unless --overwrite, which
+    keeps its other files; an earlier ember export has its own files replaced and the ones a user added kept."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    ckpt = str(run / "checkpoints" / "step_00000012")
+    proc = run_ember("export", ckpt, "--to", "hf", str(target))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the export target is a non-empty directory") and str(target) in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"] and [p.name for p in target.iterdir()] == ["notes.txt"]
+
+    proc = run_ember("export", ckpt, "--to", "hf", str(target), "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (target / "notes.txt").read_text() == "mine" and (target / "model.safetensors").is_file()
+    end_of_run = load_file(run / "hf" / "model.safetensors")
+    assert all(torch.equal(t, end_of_run[k]) for k, t in load_file(target / "model.safetensors").items())
+
+    # Now an ember export: exported again without --overwrite; the user's files stay, the export's are replaced.
+    (target / "README.md").write_text("model card")
+    (target / "model.safetensors").write_bytes(b"stale")
+    proc = run_ember("export", ckpt, "--to", "hf", str(target))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (target / "notes.txt").read_text() == "mine" and (target / "README.md").read_text() == "model card"
+    assert load_file(target / "model.safetensors").keys() == end_of_run.keys()
+    assert not (tmp_path / "target.tmp").exists()

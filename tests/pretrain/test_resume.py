@@ -1,4 +1,5 @@
-"""Stop after step 10 of 20, start again: steps 11-20 and the final weights equal the uninterrupted run's.
+"""Resume: stopped and started again, a run continues bit for bit; on another world size (fsdp, ZeRO-1/2/3:
+1 -> 2, 2 -> 1, 2 -> 4 ranks) within 1e-4 of the run that kept its world size.
 
 `train.stop_after_steps` ends the process after a step (checkpoint saved) without changing the
 schedule, which is defined by `train.max_steps`.
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from parity_runs import STEPS, assert_same_training, micro_batch_size  # noqa: E402
+from parity_runs import run as parity_run  # noqa: E402
 from pretrain_runs import pretrain, records, train_losses, write_config  # noqa: E402
 
 
@@ -36,7 +39,6 @@ def stop_and_resume(tmp_path: Path, dataset: Path, *sets: str, nproc: int = 0, s
     resumed = tmp_path / "resumed"
     pretrain(config, f"run_dir={resumed}", f"train.stop_after_steps={steps // 2}", *sets, nproc=nproc)
     assert max(train_losses(resumed)) == steps // 2 and not (resumed / "hf").exists()
-    shutil.copytree(resumed, tmp_path / "at_half")  # kept for resharding tests
     proc = pretrain(config, f"run_dir={resumed}", *sets, nproc=nproc)
     assert f"resumed from {resumed / 'checkpoints' / f'step_{steps // 2:08d}'}" in proc.stderr
     return tmp_path / "full", resumed
@@ -62,31 +64,56 @@ def test_resume_skips_an_unfinished_checkpoint(tmp_path, small_dataset):
     assert not (ckpts / "step_00000006.tmp").exists() and (ckpts / "latest").read_text().strip() == "step_00000006"
 
 
-def assert_continues_on_one_rank(tmp_path: Path, full: Path, *sets: str, steps: int = 20) -> None:
-    """The 2-rank checkpoint of the half-way step continues on 1 rank (same global batch, twice the accumulation)
-    with the losses of the uninterrupted 2-rank run."""
-    one_rank = tmp_path / "at_half"
-    proc = pretrain(tmp_path / "run.yaml", f"run_dir={one_rank}", *sets, nproc=1)
-    assert "resumed from" in proc.stderr
-    two, one = train_losses(full), train_losses(one_rank)
-    for step in range(steps // 2 + 1, steps + 1):
-        assert one[step] == pytest.approx(two[step], rel=1e-4), step
+# --- resharding: a checkpoint continues on another world size like the run that kept its own --------------------
+# Shared base runs (`parity_runs`): the 2-rank runs of the parity suite, one micro-batch per rank, checkpoints at
+# steps 2, 4, 6. Each test continues a copy of one from a checkpoint; the global batch stays 8 sequences.
+
+RESHARDED = ["fsdp", "zero1", "zero2", "zero3"]
+
+
+def two_rank_run(dataset: Path, backend: str):
+    return parity_run(dataset, backend, 2, micro_batch_size(2, 1))
+
+
+def two_to_one(dataset: Path, backend: str):
+    """The 2-rank run's step-2 checkpoint continued on 1 rank (twice the accumulation)."""
+    return parity_run(dataset, backend, 1, micro_batch_size(2, 1), after=(two_rank_run(dataset, backend), 2))
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
-def test_resume_is_bit_identical_and_reshards_to_one_rank(tmp_path, small_dataset, backend):
-    full, resumed = stop_and_resume(tmp_path, small_dataset, f"train.backend={backend}", nproc=2)
-    assert_bit_identical(full, resumed, 11, 20)
-    assert_continues_on_one_rank(tmp_path, full, f"train.backend={backend}")
-    if backend == "deepspeed":  # ZeRO-3 on another world size: DeepSpeed's universal format, written once
-        assert (tmp_path / "at_half" / "checkpoints" / "step_00000010" / "universal" / "latest_universal").is_file()
+@pytest.mark.parametrize("backend", RESHARDED)
+def test_checkpoint_shrinks_from_two_ranks_to_one(small_dataset, backend):
+    two, one = two_rank_run(small_dataset, backend), two_to_one(small_dataset, backend)
+    assert_same_training(one, two, range(3, STEPS + 1), f"{backend}: 2 -> 1 rank at step 2")
+    if backend.startswith("zero"):  # DeepSpeed's universal format, converted once inside the checkpoint
+        assert (one.run_dir / "checkpoints" / "step_00000002" / "universal" / "latest_universal").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero2_checkpoint_reshards_to_one_rank(tmp_path, small_dataset):
-    sets = ("train.backend=deepspeed", "train.zero_stage=2")
-    full, _ = stop_and_resume(tmp_path, small_dataset, *sets, nproc=2, steps=8)
-    assert_continues_on_one_rank(tmp_path, full, *sets, steps=8)
+@pytest.mark.parametrize("backend", RESHARDED)
+def test_checkpoint_grows_from_one_rank_to_two(small_dataset, backend):
+    one = two_to_one(small_dataset, backend)  # from step 2 on, a 1-rank run: its step-4 checkpoint has 1 rank's shards
+    two = parity_run(small_dataset, backend, 2, micro_batch_size(2, 1), after=(one, 4))
+    assert_same_training(two, one, range(5, STEPS + 1), f"{backend}: 1 -> 2 ranks at step 4")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", RESHARDED)
+def test_checkpoint_grows_from_two_ranks_to_four(small_dataset, backend):
+    two = two_rank_run(small_dataset, backend)
+    four = parity_run(small_dataset, backend, 4, micro_batch_size(4, 1), after=(two, 2))
+    assert_same_training(four, two, range(3, STEPS + 1), f"{backend}: 2 -> 4 ranks at step 2")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_two_rank_resume_is_bit_identical(small_dataset, backend):
+    two = two_rank_run(small_dataset, backend)
+    again = parity_run(small_dataset, backend, 2, micro_batch_size(2, 1), after=(two, 2))
+    assert [again.losses[s] for s in range(3, STEPS + 1)] == [two.losses[s] for s in range(3, STEPS + 1)]
+    assert [again.grad_norms[s] for s in range(3, STEPS + 1)] == [two.grad_norms[s] for s in range(3, STEPS + 1)]
+    assert again.weights.keys() == two.weights.keys() and all(torch.equal(again.weights[k], two.weights[k]) for k in two.weights)
