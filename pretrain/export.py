@@ -1,4 +1,5 @@
-"""Hugging Face export: a model directory that `AutoModelForCausalLM.from_pretrained` loads.
+"""Hugging Face export: a model directory that the matching Auto class (`AutoModelForCausalLM`,
+`AutoModelForSequenceClassification`, ...) loads with `from_pretrained`.
 
 Staged in `OUT.tmp` and then moved into place (`export_dir`), so a failed export never leaves a half-written
 model, and files of OUT that no ember export wrote are never deleted.
@@ -6,12 +7,14 @@ model, and files of OUT that no ember export wrote are never deleted.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import PretrainedConfig
 
 from ember.config import read_yaml, validate
 from ember.errors import UserError
@@ -45,48 +48,63 @@ def special_token_ids(tokenizer_dir: Path | None) -> dict[str, int]:
 
 def write_hf_export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: Path, *,
                     tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None) -> Path:
+    """The causal LM of `model_cfg` with weights `state_dict` as an HF model directory (see `write_hf_model`)."""
+    from ember.pretrain.model import hf_config
+
+    return write_hf_model(state_dict, hf_config(model_cfg), out_dir, aliases=tied_aliases(model_cfg),
+                          tokenizer_dir=tokenizer_dir, token_ids=token_ids)
+
+
+def write_hf_model(state_dict: dict[str, torch.Tensor], config: PretrainedConfig, out_dir: Path, *,
+                   aliases: set[str] = frozenset(), tokenizer_dir: Path | None = None,
+                   token_ids: dict[str, int] | None = None, extra_files: dict[str, Path] | None = None) -> Path:
     """config.json, generation_config.json, model.safetensors and the tokenizer files in `out_dir`.
 
-    `token_ids` (bos/eos/pad ids, e.g. from the dataset manifest) default to the tokenizer's.
+    `aliases` are state-dict names of tied tensors, stored once. `token_ids` (bos/eos/pad ids, e.g. from the
+    dataset manifest) default to the tokenizer's. `extra_files` (name -> file or directory) are copied in too.
     """
     from transformers import GenerationConfig
-
-    from ember.pretrain.model import hf_config
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = hf_config(model_cfg)
+    config = copy.deepcopy(config)
     for key, value in (token_ids or special_token_ids(tokenizer_dir)).items():
         setattr(config, key, value)
     config.save_pretrained(tmp)
     GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    skip = tied_aliases(model_cfg)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items() if k not in skip}
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items() if k not in aliases}
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+    for name, src in (extra_files or {}).items():
+        (shutil.copytree if Path(src).is_dir() else shutil.copy2)(src, tmp / name)
     publish_export(tmp, out_dir)  # replaces an earlier export's files, never deletes other files
     log.info("exported a Hugging Face model to %s", out_dir)
     return out_dir
 
 
 def export_checkpoint(ckpt: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Offline export of a saved checkpoint (one process, no process group)."""
+    """Offline export of a saved pretraining checkpoint (one process, no process group).
+
+    Only the `model` section of the checkpoint's config.yaml is read: the engine needs the shape, not the run.
+    """
     from ember.pretrain.backends import load_full_weights
     from ember.pretrain.checkpoint import read_trainer_state, resolve_checkpoint
-    from ember.run_config import RunConfig
 
     check_export_target(out_dir, overwrite)  # before minutes of loading weights
     ckpt = resolve_checkpoint(Path(ckpt))
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():
         raise UserError("checkpoint has no config.yaml", str(ckpt))
-    cfg = validate(read_yaml(config_file), RunConfig, default_where=str(config_file))
+    model_section = read_yaml(config_file).get("model")
+    if not isinstance(model_section, dict):
+        raise UserError("config.yaml has no model section", str(config_file))
+    model_cfg = validate(model_section, ModelConfig, default_where=f"{config_file}: model")
     tokenizer_dir = ckpt / "tokenizer"
     token_ids = read_trainer_state(ckpt).get("token_ids")
-    return write_hf_export(load_full_weights(ckpt), cfg.model, out_dir,
+    return write_hf_export(load_full_weights(ckpt), model_cfg, out_dir,
                            tokenizer_dir=tokenizer_dir if tokenizer_dir.is_dir() else None, token_ids=token_ids)

@@ -8,7 +8,8 @@ then only scales the stored gradients. Peak memory drops by the logits and their
 faster (no full-size log-softmax passes).
 
 `enable_fused_loss(model)` gives the HF model a `loss_labels=` forward: `model(input_ids=..., loss_labels=...,
-z_loss=...)` returns `(loss, cross_entropy)`. The head is still called as a module, so the hooks that gather
+z_loss=..., loss_normalizer=...)` returns `(loss, cross_entropy)`, sums over the supervised rows divided by
+`loss_normalizer` (default: their number). The head is still called as a module, so the hooks that gather
 sharded weights (FSDP2, ZeRO-3) run as before; without `loss_labels` the model is the plain HF model.
 """
 
@@ -59,11 +60,14 @@ def _chunk_loss(matmul_nt: MatmulNT, hidden: torch.Tensor, weight: torch.Tensor,
     return ce_sum, z_sum, grad
 
 
-def _chunked(hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype, with_grads: bool):
-    """hidden (N, d), weight (V, d), labels (N,) -> loss, cross-entropy (means over valid rows) and, with
-    `with_grads`, the gradients of the loss with respect to `hidden` and `weight`."""
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    scale = 1.0 / float(count)
+def _chunked(hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype, with_grads: bool,
+             normalizer: float | None = None):
+    """hidden (N, d), weight (V, d), labels (N,) -> loss, cross-entropy (sums over valid rows divided by
+    `normalizer`, default their number) and, with `with_grads`, the gradients of the loss with respect to `hidden`
+    and `weight`."""
+    if normalizer is None:
+        normalizer = float((labels != IGNORE_INDEX).sum().clamp(min=1))
+    scale = 1.0 / float(normalizer)
     h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
     acc_dtype = torch.promote_types(compute_dtype, torch.float32)
     ce_sum = z_sum = torch.zeros((), dtype=acc_dtype, device=hidden.device)
@@ -91,8 +95,10 @@ def _chunked(hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype):
-        loss, ce, grad_hidden, grad_weight = _chunked(hidden, weight, labels, z_loss, matmul_nt, compute_dtype, True)
+    def forward(ctx, hidden, weight, labels, z_loss: float, matmul_nt: MatmulNT, compute_dtype: torch.dtype,
+                normalizer: float | None):
+        loss, ce, grad_hidden, grad_weight = _chunked(hidden, weight, labels, z_loss, matmul_nt, compute_dtype, True,
+                                                      normalizer)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(ce)
         return loss, ce
@@ -100,15 +106,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0,
-                         matmul_nt: MatmulNT = torch_matmul_nt) -> tuple[torch.Tensor, torch.Tensor]:
+                         matmul_nt: MatmulNT = torch_matmul_nt, normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to optimise, cross-entropy) of logits `hidden @ weight.T` against `labels`, chunk by chunk.
 
-    hidden (..., d), labels (...) with IGNORE_INDEX for rows without a target; both means are over the other
-    rows. The loss adds `z_loss` x mean(log_z^2) (PaLM's z-loss). Softmax and loss are computed in fp32 whatever
+    hidden (..., d), labels (...) with IGNORE_INDEX for rows without a target; both are sums over the other rows
+    divided by `normalizer` (default: their number, i.e. means). The loss adds `z_loss` x log_z^2 likewise
+    (PaLM's z-loss). Softmax and loss are computed in fp32 whatever
     the matmul dtype (the autocast dtype inside autocast, else the hidden states').
     """
     device = hidden.device.type
@@ -116,8 +123,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     flat, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     with torch.autocast(device, enabled=False):
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _LinearCrossEntropy.apply(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype)
-        loss, ce, _, _ = _chunked(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype, with_grads=False)
+            return _LinearCrossEntropy.apply(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype, normalizer)
+        loss, ce, _, _ = _chunked(flat, weight, flat_labels, z_loss, matmul_nt, compute_dtype, False, normalizer)
         return loss, ce
 
 
@@ -126,10 +133,11 @@ class LossHead(nn.Linear):
 
     matmul_nt: MatmulNT = staticmethod(torch_matmul_nt)
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, z_loss: float = 0.0):
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, z_loss: float = 0.0,
+                normalizer: float | None = None):
         if labels is None:
             return super().forward(hidden)
-        return linear_cross_entropy(hidden, self.weight, labels, z_loss, type(self).matmul_nt)
+        return linear_cross_entropy(hidden, self.weight, labels, z_loss, type(self).matmul_nt, normalizer)
 
 
 class OneDNNLossHead(LossHead, OneDNNLinear):
@@ -149,11 +157,12 @@ def supports_fused_loss(model: nn.Module) -> bool:
             and not any(getattr(config, key, None) for key in _POSTPROCESSED_LOGITS))
 
 
-def _forward(self, *args, loss_labels: torch.Tensor | None = None, z_loss: float = 0.0, **kwargs):
+def _forward(self, *args, loss_labels: torch.Tensor | None = None, z_loss: float = 0.0,
+             loss_normalizer: float | None = None, **kwargs):
     if loss_labels is None:
         return type(self).forward(self, *args, **kwargs)
     hidden = self.get_decoder()(*args, **kwargs).last_hidden_state  # (batch, seq, hidden)
-    return self.get_output_embeddings()(hidden, labels=loss_labels, z_loss=z_loss)
+    return self.get_output_embeddings()(hidden, labels=loss_labels, z_loss=z_loss, normalizer=loss_normalizer)
 
 
 def has_fused_loss(model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from ember.errors import UserError
 from ember.pretrain.config import TrainConfig
 from ember.pretrain.schedule import lr_at
-from ember.pretrain.step import poisoned_steps, train_step
+from ember.pretrain.step import CausalLMLoss, as_model_batch, poisoned_steps, train_step
 
 log = logging.getLogger("ember.pretrain.loop")
 
@@ -37,20 +37,25 @@ class NonFiniteStop(UserError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
-def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_size: int, evaluate, checkpoints, metrics) -> LoopState:
-    """Train from `state.step` to `max_steps` (or `stop_after_steps`); returns the final state."""
+def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_size: int, evaluate, checkpoints, metrics,
+          loss=None) -> LoopState:
+    """Train from `state.step` to `max_steps` (or `stop_after_steps`); returns the final state.
+
+    `loader` yields pretraining token batches or `step.ModelBatch`es; `loss` defaults to the causal-LM loss.
+    """
     last_step = min(cfg.max_steps, cfg.stop_after_steps or cfg.max_steps)
     poisoned = poisoned_steps()
     batches = iter(loader)
     while state.step < last_step:
         step = state.step + 1
         batch = next(batches)
+        model_batch = as_model_batch(batch)
         lr = lr_at(step, cfg)
         for group in backend.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: a group's own rate (a fine-tuning head's)
         started = time.perf_counter()
-        result = train_step(backend, batch.tokens, micro_batch_size=micro_batch_size,
-                             grad_clip=cfg.grad_clip, z_loss=cfg.z_loss, poison=step in poisoned)
+        result = train_step(backend, model_batch, micro_batch_size=micro_batch_size, grad_clip=cfg.grad_clip,
+                            loss=loss or CausalLMLoss(cfg.z_loss), poison=step in poisoned)
         if result.finite:
             backend.step()
             state.consecutive_nonfinite = 0
@@ -61,8 +66,8 @@ def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_si
             log.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row, %d in all)", step,
                         result.loss, result.grad_norm, state.consecutive_nonfinite, state.skipped_steps)
         state.step = step
-        state.tokens_seen += batch.tokens[:, :-1].numel() * backend.world_size  # every rank holds an equal slice
-        for source, num in batch.source_tokens.items():
+        state.tokens_seen += model_batch.input_ids.numel() * backend.world_size  # every rank holds an equal slice
+        for source, num in getattr(batch, "source_tokens", {}).items():
             state.tokens_by_source[source] = state.tokens_by_source.get(source, 0) + int(num)
         metrics.record_step(time.perf_counter() - started)
         if step % cfg.log_every == 0 or step == last_step:

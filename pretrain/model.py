@@ -68,13 +68,18 @@ def hf_config(model_cfg: ModelConfig) -> PretrainedConfig:
         raise UserError(f"cannot build a {arch} config: {e}", "model") from None
 
 
-def build_meta_model(model_cfg: ModelConfig) -> nn.Module:
-    """The causal LM on the meta device: shapes only, no memory. Materialise with `to_empty`, then `init_weights`."""
-    config = hf_config(model_cfg)
+def build_model(config: PretrainedConfig, auto_class=AutoModelForCausalLM) -> nn.Module:
+    """`auto_class` (a causal LM, a sequence classifier, ...) of `config` in fp32, on the current default device
+    (the caller's context: the meta device, DeepSpeed's `zero.Init`)."""
     # sdpa: fused attention kernels on CPU and GPU (flash / memory-efficient), no O(seq^2) mask tensor in Python.
     attn = config._attn_implementation or "sdpa"
+    return auto_class.from_config(config, attn_implementation=attn, dtype=torch.float32)
+
+
+def build_meta_model(model_cfg: ModelConfig) -> nn.Module:
+    """The causal LM on the meta device: shapes only, no memory. Materialise with `to_empty`, then `init_weights`."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+        return build_model(hf_config(model_cfg))
 
 
 def is_residual_output(name: str) -> bool:

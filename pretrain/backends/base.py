@@ -6,6 +6,7 @@ import gc
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ember.pretrain import distributed
@@ -71,6 +72,14 @@ class Backend:
 
     def all_reduce_mean(self, x: float) -> float:
         return distributed.all_reduce_mean(x, self.device)
+
+    def all_reduce_sum(self, x: float) -> float:
+        """The sum of `x` over all ranks, in float64 (exact for counts below 2**53)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return float(x)
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
 
     def close(self, all_ranks_done: bool = True) -> None:
         """Tear down. After a good run: wait for every rank, drop the model, optimizer and engine, then destroy

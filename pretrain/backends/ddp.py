@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ember.pretrain.backends.base import resolve_autocast_dtype
+from ember.pretrain.backends.builder import ModelBuilder
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.backends.torch_backend import TorchBackend
 from ember.pretrain.distributed import DistEnv
@@ -50,9 +51,10 @@ class DDPBackend(TorchBackend):
             grad.div_(self.world_size)
 
 
-def build_ddp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DDPBackend:
+def build_ddp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv,
+              builder: ModelBuilder) -> DDPBackend:
     # Every rank builds the same weights (deterministic init); DDP also broadcasts rank 0's at construction.
-    module = build_local_model(cfg, env.device)
+    module = build_local_model(builder, cfg, env.device)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     model = DistributedDataParallel(module, device_ids=device_ids)
     optimizer = make_optimizer(module)

@@ -11,15 +11,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from ember.pretrain.backends.base import resolve_autocast_dtype
-from ember.pretrain.backends.parallelize import (
-    apply_model_techniques,
-    broadcast_nonpersistent_buffers,
-    build_initialised_model,
-    decoder_blocks,
-)
+from ember.pretrain.backends.builder import ModelBuilder, initialised_model, meta_model
+from ember.pretrain.backends.parallelize import apply_model_techniques, broadcast_nonpersistent_buffers, decoder_blocks
 from ember.pretrain.backends.torch_backend import TorchBackend
 from ember.pretrain.distributed import DistEnv, ensure_process_group
-from ember.pretrain.model import build_meta_model
 
 log = logging.getLogger("ember.pretrain.backends.fsdp")
 
@@ -43,13 +38,13 @@ def apply_fsdp(model: nn.Module, mp_policy: MixedPrecisionPolicy, offload_policy
     fully_shard(model, mp_policy=mp_policy, offload_policy=offload_policy, reshard_after_forward=False)
 
 
-def load_initial_weights(model: nn.Module, cfg, env: DistEnv) -> None:
+def load_initial_weights(model: nn.Module, builder: ModelBuilder, env: DistEnv) -> None:
     """Give the sharded model the single-process weights.
 
     Initialising shards in place would draw the same random numbers on every rank (each shard a copy of the
     others, see DESIGN.md); instead rank 0 builds the full model, and its weights are scattered to the shards.
     """
-    reference = build_initialised_model(cfg.model, cfg.seed, torch.device("cpu")) if env.rank == 0 else None
+    reference = initialised_model(builder, torch.device("cpu")) if env.rank == 0 else None
     full = reference.state_dict() if reference is not None else {}
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     broadcast_nonpersistent_buffers(model, reference)
@@ -67,11 +62,12 @@ def fsdp_policies(cfg, device: torch.device) -> tuple[MixedPrecisionPolicy, Offl
     return mp_policy, CPUOffloadPolicy() if offload else OffloadPolicy()
 
 
-def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> FSDPBackend:
+def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv,
+               builder: ModelBuilder) -> FSDPBackend:
     mp_policy, offload_policy = fsdp_policies(cfg, env.device)
     offload = isinstance(offload_policy, CPUOffloadPolicy)
     ensure_process_group(env)  # fully_shard needs a device mesh, also over one process
-    model = build_meta_model(cfg.model)
+    model = meta_model(builder)
     apply_model_techniques(model, cfg.train, env.device)
     apply_fsdp(model, mp_policy, offload_policy)
     model.to_empty(device="cpu" if offload else env.device)
@@ -80,6 +76,6 @@ def build_fsdp(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
         for module in model.modules():
             for name, buf in module.named_buffers(recurse=False):
                 setattr(module, name, buf.to(env.device))
-    load_initial_weights(model, cfg, env)
+    load_initial_weights(model, builder, env)
     optimizer = make_optimizer(model)
     return FSDPBackend(env, model, model, optimizer, resolve_autocast_dtype(cfg.train.precision, env.device))

@@ -18,11 +18,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ember.errors import UserError
 from ember.pretrain.backends.base import resolve_autocast_dtype
-from ember.pretrain.config import ModelConfig, TrainConfig
+from ember.pretrain.config import TrainConfig
 from ember.pretrain.cpu_attention import use_onednn_attention
 from ember.pretrain.cpu_matmul import onednn_available, onednn_by_default, use_onednn_linears
 from ember.pretrain.fused_loss import enable_fused_loss
-from ember.pretrain.model import build_meta_model, init_weights
 
 log = logging.getLogger("ember.pretrain.backends")
 
@@ -91,14 +90,6 @@ def apply_model_techniques(model: nn.Module, train: TrainConfig, device: torch.d
         log.info("fused loss off: %s post-processes its logits", type(model).__name__)
     if train.compile:
         apply_compile(model)
-
-
-def build_initialised_model(model_cfg: ModelConfig, seed: int, device: torch.device) -> nn.Module:
-    """The full model with the single-process weights: meta build, materialise, deterministic init."""
-    model = build_meta_model(model_cfg)
-    model.to_empty(device=device)
-    init_weights(model, model_cfg, seed)
-    return model
 
 
 @torch.no_grad()

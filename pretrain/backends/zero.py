@@ -21,11 +21,11 @@ from torch import nn
 from ember.errors import UserError
 from ember.pretrain.backends.base import Backend, resolve_autocast_dtype
 from ember.pretrain.backends.safe_load import weights_only_torch_load
-from ember.pretrain.backends.parallelize import apply_model_techniques, broadcast_nonpersistent_buffers, build_initialised_model
+from ember.pretrain.backends.builder import ModelBuilder, initialised_model, meta_model
+from ember.pretrain.backends.parallelize import apply_model_techniques, broadcast_nonpersistent_buffers
 from ember.pretrain.backends.single import build_local_model
 from ember.pretrain.backends.zero_config import deepspeed_config
 from ember.pretrain.distributed import DistEnv, ensure_process_group
-from ember.pretrain.model import build_meta_model, hf_config
 
 CHECKPOINT_TAG = "zero"
 
@@ -207,20 +207,17 @@ def share_master_partitions(zero_optimizer) -> None:
     zero_optimizer.lp_param_buffer = torch.empty(0, dtype=masters[0].dtype, device=masters[0].device)
 
 
-def build_partitioned_model(cfg, ds_config: dict, env: DistEnv) -> nn.Module:
+def build_partitioned_model(builder: ModelBuilder, cfg, ds_config: dict, env: DistEnv) -> nn.Module:
     """ZeRO-3: every parameter is partitioned as it is created, so no rank ever holds the full model on its
     device; rank 0's full CPU init then fills the partitions one parameter at a time."""
     import deepspeed
-    from transformers import AutoModelForCausalLM
 
-    config = hf_config(cfg.model)
-    # No `dtype=`: deepspeed.zero.Init ignores a given dtype off-GPU (operator precedence) and would pick bf16;
+    # No `dtype=` to zero.Init: it ignores a given dtype off-GPU (operator precedence) and would pick bf16;
     # without one it takes it from the config (bf16 when enabled, else fp32).
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation or "sdpa",
-                                                 dtype=torch.float32)
+        model = builder.build()
     apply_model_techniques(model, cfg.train, env.device)
-    reference = build_initialised_model(cfg.model, cfg.seed, torch.device("cpu")) if env.rank == 0 else None
+    reference = initialised_model(builder, torch.device("cpu")) if env.rank == 0 else None
     ref_params = dict(reference.named_parameters()) if reference is not None else {}
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -252,18 +249,19 @@ def full_shapes_visible(module: nn.Module):
             param.data = placeholder
 
 
-def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv) -> DeepSpeedBackend:
+def build_deepspeed(cfg, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], env: DistEnv,
+                    builder: ModelBuilder) -> DeepSpeedBackend:
     import deepspeed
 
     _init_deepspeed_comm(env)
-    num_params = sum(p.numel() for p in build_meta_model(cfg.model).parameters())
+    num_params = sum(p.numel() for p in meta_model(builder).parameters())
     ds_config = deepspeed_config(cfg, env.world_size, env.device, num_params)
     if cfg.train.zero_stage == 3:
-        module = build_partitioned_model(cfg, ds_config, env)
+        module = build_partitioned_model(builder, cfg, ds_config, env)
     else:
         # Stages 1 and 2 keep whole weights on every rank anyway: each builds the single-process weights
         # (deterministic init, no broadcast needed).
-        module = build_local_model(cfg, env.device)
+        module = build_local_model(builder, cfg, env.device)
     with full_shapes_visible(module):
         optimizer = make_optimizer(module)
     num_groups = len(optimizer.param_groups)
