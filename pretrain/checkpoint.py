@@ -141,8 +141,10 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: Path, backend, *, keep_last: int, config_yaml: str, config_digest: str,
-                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None, async_save: bool = False):
+                 tokenizer_dir: Path | None = None, token_ids: dict[str, int] | None = None, async_save: bool = False,
+                 kernels: dict | None = None):
         self.root = Path(run_dir) / "checkpoints"
+        self.kernels = kernels  # the run's precision and CPU GEMM (pretrain/kernels.py), kept by a resume
         self.backend, self.keep_last = backend, keep_last
         self.config_yaml, self.config_digest = config_yaml, config_digest
         self.tokenizer_dir, self.token_ids = tokenizer_dir, token_ids or {}
@@ -184,7 +186,7 @@ class CheckpointManager:
         if self.tokenizer_dir is not None:
             shutil.copytree(self.tokenizer_dir, tmp / "tokenizer")
         trainer_state = {**state.to_dict(), "loader": loader_state, "world_size": self.backend.world_size,
-                         "config_hash": self.config_digest, "token_ids": self.token_ids}
+                         "config_hash": self.config_digest, "token_ids": self.token_ids, "kernels": self.kernels}
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
 
     def _publish_written(self, tmp: Path, final: Path, all_ranks: bool) -> None:

@@ -59,13 +59,14 @@ class TrainConfig(Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this (0: off)")
     z_loss: float = Field(0.0, ge=0, description="weight of the z-loss on the log-partition (0: off)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs and on CPUs with AMX, fp32 elsewhere (decided once per run, kept on resume)")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     ac_every: int = Field(1, gt=0, description="checkpoint every k-th block when activation_checkpointing")
     compile: bool = Field(False, description="torch.compile each decoder block")
     fused_loss: bool = Field(True, description="LM head and cross-entropy computed in row chunks, never storing the full logits")
     cpu_matmul: Literal["auto", "onednn", "torch"] = Field(
-        "auto", description="fp32 GEMM on CPU: oneDNN's or torch's default (MKL); auto: oneDNN on non-Intel CPUs, where MKL takes its AVX2 path")
+        "auto", description="fp32 GEMM on CPU: oneDNN's or torch's default (MKL); auto: whichever a short probe finds faster here (decided once per run, kept on resume)")
     cpu_offload: bool = Field(False, description="offload parameters/optimizer to CPU (fsdp, deepspeed)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="DeepSpeed config keys merged on top of the generated one")
     eval_every: int = Field(50, ge=0, description="evaluate on the validation split every N steps (0: only at the end)")

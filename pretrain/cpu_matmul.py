@@ -2,9 +2,11 @@
 
 torch's CPU wheels send fp32 `mm` to MKL, which takes its AVX2 code path on non-Intel CPUs; oneDNN (also
 inside torch) JIT-compiles AVX-512 kernels for whatever CPU it finds. On this project's AMD EPYC machine that
-is 2.3x the matmul throughput, in full fp32 (no bf16 or TF32 shortcut). On Intel CPUs MKL already runs its
-AVX-512 kernels, so torch's default stays (`onednn_by_default`); `matmul_seconds` times both, for the MFU peak
-and the benchmarks.
+is 2.3x the matmul throughput, in full fp32 (no bf16 or TF32 shortcut); on Intel CPUs the two are about equal.
+So the kernel is chosen by a short measured probe (`onednn_speedup`), not by the vendor: oneDNN when its GEMM
+is clearly faster here (`ONEDNN_MIN_SPEEDUP`). A run measures once, on rank 0, and records the choice
+(`pretrain/kernels.py`), so every rank and every resumption uses the same kernel. `matmul_seconds` times both,
+for the MFU peak and the benchmarks.
 
 `OneDNNLinear` is an `nn.Linear` whose forward and backward run on oneDNN; swapping the class keeps the
 parameters, their names and every hook (FSDP2, ZeRO-3) as they were.
@@ -23,25 +25,66 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def cpu_vendor() -> str:
-    """The CPU vendor string ('GenuineIntel', 'AuthenticAMD', ...); '' where /proc/cpuinfo does not say."""
+def _cpuinfo_field(name: str) -> str:
+    """The first `name : value` of /proc/cpuinfo ('' where there is none, e.g. not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
 
 
-def onednn_by_default() -> bool:
-    """The `auto` choice: oneDNN on x86 CPUs that are not Intel's, where MKL runs its AVX2 path.
+def cpu_vendor() -> str:
+    """The CPU vendor string ('GenuineIntel', 'AuthenticAMD', ...); '' where /proc/cpuinfo does not say."""
+    return _cpuinfo_field("vendor_id")
 
-    A rule on the vendor, not a timing: every rank of a run, and a resumed run, must choose the same kernel,
-    or losses would differ in their last bits. `bench/train_throughput.py` measures what the rule buys.
+
+def cpu_model() -> str:
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def has_amx_bf16() -> bool:
+    """Whether the CPU has AMX tiles for bf16 matmuls (Intel Sapphire Rapids and later): bf16 autocast pays there."""
+    return "amx_bf16" in cpu_flags()
+
+
+def describe_cpu() -> str:
+    """'MODEL (bf16: ..., AMX: ...)', printed beside every benchmark figure."""
+    flags = cpu_flags()
+    bf16 = "avx512_bf16" if "avx512_bf16" in flags else "none native"
+    return f"{cpu_model()} (bf16: {bf16}, AMX: {'amx_bf16' if 'amx_bf16' in flags else 'no'})"
+
+
+# oneDNN is chosen only when its GEMM is clearly faster: a margin that timing noise on a shared machine does not
+# cross (measured: 2.3-2.5x on the AMD EPYC, about 1.0x on Intel Xeons).
+ONEDNN_MIN_SPEEDUP = 1.25
+
+
+def onednn_speedup(size: int = 512, budget_s: float = 0.1) -> float:
+    """oneDNN's fp32 GEMM rate over torch's default (MKL) on this CPU, current thread count: a probe of ~0.3 s."""
+    if not onednn_available():
+        return 0.0
+    return matmul_seconds("torch", size=size, budget_s=budget_s) / matmul_seconds("onednn", size=size, budget_s=budget_s)
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_by_default() -> bool:
+    """The `auto` choice in this process: oneDNN where the probe finds its GEMM clearly faster.
+
+    A run decides once on rank 0 and records it (`pretrain/kernels.py`); this per-process answer is for code that
+    builds a model outside a run (exports, tests).
     """
-    return onednn_available() and cpu_vendor() not in ("", "GenuineIntel")
+    return onednn_speedup() >= ONEDNN_MIN_SPEEDUP
 
 
 def onednn_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

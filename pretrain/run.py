@@ -19,6 +19,7 @@ from ember.errors import UserError
 from ember.logs import add_log_file
 from ember.pretrain import distributed
 from ember.pretrain.checkpoint import CheckpointManager, check_resumable_shape, config_hash
+from ember.pretrain.kernels import decide_kernels
 from ember.pretrain.loop import LoopState, train
 from ember.pretrain.metrics import Metrics
 from ember.pretrain.optim import build_optimizer
@@ -140,17 +141,18 @@ def pretrain(cfg) -> dict:
     if t.resume:
         check_resumable_shape(cfg.run_dir, cfg.model)
     config_yaml = setup_run_dir(cfg, env.rank)
+    kernels = decide_kernels(t, env.device, cfg.run_dir)  # rank 0's choice, or the checkpoint's on resume
     seed_everything(cfg.seed)
     data = prepare_data(cfg, env.rank)
     if not data.has_val:
         log.warning("a dataset has no validation split (prepared with val_fraction 0): no evaluation")
 
-    backend = build_backend(cfg, lambda model: build_optimizer(model, t))
+    backend = build_backend(kernels.apply(cfg), lambda model: build_optimizer(model, t))
     succeeded = False
     try:
         checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml, config_digest=config_hash(cfg),
                                         tokenizer_dir=data.manifests[0].tokenizer_dir, token_ids=data.token_ids,
-                                        async_save=t.async_checkpoint)
+                                        async_save=t.async_checkpoint, kernels=kernels.to_dict())
         loader = data.loader("train", global_batch, backend, cfg.data.num_workers)
         state = resume(checkpoints, loader, t.resume)
         start_step = state.step
@@ -176,7 +178,7 @@ def pretrain(cfg) -> dict:
     summary = {"step": state.step, "finished": finished, "resumed_from": start_step, "loss": metrics.last_train.get("loss"),
                "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
                "train_seconds": train_seconds, "wall_seconds": time.time() - started, "hf_dir": str(hf_dir) if hf_dir else None,
-               "run_dir": str(cfg.run_dir)}
+               "run_dir": str(cfg.run_dir), **kernels.to_dict()}
     metrics.log_summary(summary)
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
     log.info("%s at step %d/%d%s: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s", "finished" if finished else "stopped",

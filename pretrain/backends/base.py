@@ -14,8 +14,12 @@ from ember.pretrain.distributed import DistEnv
 
 
 def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on GPU (precision auto or bf16); fp32 on CPU unless bf16 is asked for explicitly."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast for precision bf16, or auto where `kernels.auto_precision` picks it (GPUs, CPUs with AMX).
+
+    A run resolves `auto` once for all ranks (pretrain/kernels.py); its backends see fp32 or bf16 here."""
+    from ember.pretrain.kernels import auto_precision
+
+    if precision == "bf16" or (precision == "auto" and auto_precision(device)[0] == "bf16"):
         return torch.bfloat16
     return None
 
