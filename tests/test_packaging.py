@@ -10,6 +10,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+NOT_SHIPPED = {"tests", "bench", "docs", "build", "dist", "runs", "wandb", "__pycache__"}
+
+
+def package_dirs() -> list[str]:
+    """Every folder of the repository that the wheel must carry, as a package name: Python code or presets."""
+    names = []
+    for d in sorted(p for p in REPO.rglob("*") if p.is_dir()):
+        rel = d.relative_to(REPO).parts
+        if any(part.startswith(".") or part in NOT_SHIPPED or part.endswith(".egg-info") for part in rel):
+            continue
+        if (d / "__init__.py").is_file() or (rel[0] == "configs" and any(f.is_file() for f in d.iterdir())):
+            names.append(".".join(("ember", *rel)))
+    return names
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    import tomllib
+
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    wanted = {"ember", *package_dirs()}
+    assert not wanted - set(listed), f"missing from [tool.setuptools] packages: {sorted(wanted - set(listed))}"
+    assert not set(listed) - wanted, f"listed but not a folder of the package: {sorted(set(listed) - wanted)}"
 
 
 @pytest.mark.slow
