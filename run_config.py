@@ -14,7 +14,7 @@ from ember.pretrain.config import ModelConfig, TrackingConfig, TrainConfig
 
 
 class RunConfig(Section):
-    """One pretraining or fine-tuning run."""
+    """One pretraining run."""
 
     run_dir: Path = Field(Path("runs/default"), description="directory for config.yaml, logs, metrics, checkpoints and exports")
     seed: int = Field(1234, ge=0, description="seed of weights init, data order and dropout")
@@ -23,4 +23,15 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="training recipe")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="metrics and W&B")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="process layout")
-    finetune: FinetuneConfig | None = Field(None, description="fine-tuning stage (absent for pretraining)")
+
+
+class FinetuneRunConfig(Section):
+    """One fine-tuning run: `ember finetune CONFIG --from PARENT`; the model comes from the parent."""
+
+    run_dir: Path = Field(Path("runs/finetune"), description="directory for config.yaml, logs, metrics, checkpoints and exports")
+    seed: int = Field(1234, ge=0, description="seed of the new head's init, data order and dropout")
+    model: ModelConfig | None = Field(None, description="model shape (default: the parent's; needed without --from)", json_schema_extra=preset_dir("models"))
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training recipe")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="metrics and W&B")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="process layout")
+    finetune: FinetuneConfig = Field(description="the task, the transfer mode and the parent")

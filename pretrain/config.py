@@ -116,10 +116,16 @@ class TrainConfig(Section):
 
 
 class TrackingConfig(Section):
-    """Where metrics go: metrics.jsonl always, Weights & Biases as chosen."""
+    """Where metrics go: metrics.jsonl always, Weights & Biases (rank 0, files in run_dir/wandb) as chosen."""
 
-    wandb: Literal["online", "offline", "disabled", "auto"] = Field("auto", description="auto: online with WANDB_API_KEY, else offline")
+    wandb: Literal["online", "offline", "disabled", "auto"] = Field(
+        "auto", description="auto: WANDB_MODE when set, else online with WANDB_API_KEY or a `wandb login`, else offline")
     project: str = Field("ember", description="W&B project")
     entity: str | None = Field(None, description="W&B entity (team or user)")
+    group: str | None = Field(None, description="W&B group (a scaling sweep groups its runs)")
+    job_type: str | None = Field(None, description="W&B job type (default: pretrain, or finetune with a finetune section)")
     name: str | None = Field(None, description="run name (default: the run directory's name)")
     tags: list[str] = Field(default_factory=list, description="W&B tags")
+    notes: str | None = Field(None, description="W&B notes shown with the run")
+    artifacts: bool = Field(False, description="log the final checkpoint and the HF export as W&B artifacts by reference (nothing uploaded)")
+    init_timeout_s: float = Field(60.0, gt=0, description="seconds W&B may take to start before the run goes on without it")

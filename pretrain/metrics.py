@@ -53,7 +53,7 @@ class Metrics:
     """Collects step timings and writes train, eval and summary records (only rank 0 writes)."""
 
     def __init__(self, run_dir: Path, *, rank: int, world_size: int, device: torch.device, max_steps: int,
-                 tokens_per_step: int, flops_per_token: float, peak_flops: float | None, resume_step: int = 0):
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float | None, resume_step: int = 0, tracker=None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rank, self.world_size, self.device = rank, world_size, device
         self.max_steps, self.tokens_per_step = max_steps, tokens_per_step
@@ -61,6 +61,7 @@ class Metrics:
         self.interval_time, self.interval_steps = 0.0, 0
         self.last_train: dict = {}
         self.last_eval: dict = {}
+        self.tracker = tracker  # W&B (pretrain/tracking.py) sees every record metrics.jsonl gets
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             drop_records_after(self.path, resume_step) if resume_step else self.path.unlink(missing_ok=True)
@@ -69,6 +70,8 @@ class Metrics:
         if self.rank == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def record_step(self, seconds: float) -> None:
         self.interval_time += seconds

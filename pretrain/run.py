@@ -24,6 +24,7 @@ from ember.pretrain.loop import LoopState, train
 from ember.pretrain.metrics import Metrics
 from ember.pretrain.optim import build_optimizer
 from ember.pretrain.step import evaluate
+from ember.pretrain.tracking import finish_tracking, start_tracking
 
 log = logging.getLogger("ember.pretrain.run")
 
@@ -97,14 +98,16 @@ def setup_run_dir(cfg, rank: int) -> str:
 
 
 def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metrics:
-    from ember.pretrain.accounting import flops_per_token
+    from ember.pretrain.accounting import count_params, flops_per_token
     from ember.pretrain.peak import device_peak_flops
 
     dtype = backend.autocast_dtype or torch.float32
+    per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+    tracker = start_tracking(cfg, rank=backend.rank, world_size=backend.world_size, device=backend.device,
+                             num_params=count_params(cfg.model)["total"], flops_per_token=per_token, resume=cfg.train.resume)
     return Metrics(cfg.run_dir, rank=backend.rank, world_size=backend.world_size, device=backend.device,
-                   max_steps=cfg.train.max_steps, tokens_per_step=tokens_per_step,
-                   flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
-                   peak_flops=device_peak_flops(backend.device, dtype), resume_step=resume_step)
+                   max_steps=cfg.train.max_steps, tokens_per_step=tokens_per_step, flops_per_token=per_token,
+                   peak_flops=device_peak_flops(backend.device, dtype), resume_step=resume_step, tracker=tracker)
 
 
 def resume(checkpoints: CheckpointManager, loader, enabled: bool) -> LoopState:
@@ -180,6 +183,7 @@ def pretrain(cfg) -> dict:
                "train_seconds": train_seconds, "wall_seconds": time.time() - started, "hf_dir": str(hf_dir) if hf_dir else None,
                "run_dir": str(cfg.run_dir), **kernels.to_dict()}
     metrics.log_summary(summary)
+    finish_tracking(metrics.tracker, cfg, checkpoint=checkpoints.newest(), hf_dir=hf_dir)
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
     log.info("%s at step %d/%d%s: %d tokens seen, %d step(s) skipped, %.1f s; run dir %s", "finished" if finished else "stopped",
              state.step, t.max_steps, val, state.tokens_seen, state.skipped_steps, train_seconds, cfg.run_dir)

@@ -1,0 +1,210 @@
+"""Task examples -> token ids and labels -> the engine's `ModelBatch`es, through a resumable loader.
+
+Labels follow the engine's contract: next-token targets aligned with the inputs, IGNORE_INDEX where a position is
+not supervised (prompt, padding, the boundary between packed examples), or one class id per row. The loader
+draws examples in seeded epoch orders, each global batch the same whatever the world size (rank r takes its rows
+of it), and its state is the number of examples consumed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ember.errors import UserError
+from ember.pretrain.fused_loss import IGNORE_INDEX
+from ember.pretrain.step import ModelBatch
+
+log = logging.getLogger("ember.finetune.data")
+
+
+@dataclass
+class Encoded:
+    """One example as tokens: `ids` (the whole sequence) and `labels` aligned with `ids[:-1]` as inputs, or a
+    class id (`label`) for classification."""
+
+    ids: list[int]
+    labels: list[int] | None = None
+    label: int | None = None
+
+
+def load_tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        raise UserError("no tokenizer next to the starting weights (a checkpoint's tokenizer/ or the HF directory's files)",
+                        str(tokenizer_dir))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def encode_classification(examples: list[dict], labels: list[str], tokenizer, eos_id: int, max_length: int) -> list[Encoded]:
+    """Text ids (truncated) + eos; the classifier reads the last non-padding token, here always the eos."""
+    index = {name: i for i, name in enumerate(labels)}
+    texts = tokenizer([e["text"] for e in examples], add_special_tokens=False).input_ids
+    return [Encoded(ids=ids[: max_length - 1] + [eos_id], label=index[e["label"]]) for e, ids in zip(examples, texts)]
+
+
+def encode_sft(examples: list[dict], tokenizer, eos_id: int, max_length: int) -> list[Encoded]:
+    """prompt + response + eos; only the response's tokens and the eos are targets (truncated at max_length + 1)."""
+    prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False).input_ids
+    responses = tokenizer([e["response"] for e in examples], add_special_tokens=False).input_ids
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = (p + r + [eos_id])[: max_length + 1]
+        # Input position t predicts token t + 1: supervised when that token belongs to the response (or is the eos).
+        labels = [tok if t + 1 >= len(p) else IGNORE_INDEX for t, tok in enumerate(ids[1:])]
+        out.append(Encoded(ids=ids, labels=labels))
+    return out
+
+
+def audit_labels(encoded: list[Encoded], where: str) -> list[Encoded]:
+    """Fail closed when no example has a supervised token; drop (and count) the examples that have none."""
+    kept = [e for e in encoded if e.labels is None or any(t != IGNORE_INDEX for t in e.labels)]
+    if not kept:
+        raise UserError(f"label audit: none of the {len(encoded)} examples has a supervised token (prompts longer "
+                        "than finetune.max_length, or empty responses?)", where)
+    if len(kept) < len(encoded):
+        log.warning("label audit: %d of %d examples have no supervised token (prompt fills max_length) and are dropped",
+                    len(encoded) - len(kept), len(encoded))
+    supervised = sum(sum(t != IGNORE_INDEX for t in e.labels) for e in kept if e.labels is not None)
+    total = sum(len(e.labels) for e in kept if e.labels is not None)
+    if total:
+        log.info("label audit: %d examples, %.1f%% of their target positions supervised", len(kept), 100 * supervised / total)
+    return kept
+
+
+# ---------------------------------------------------------------- collation
+
+
+def collate_padded(examples: list[Encoded], pad_id: int) -> ModelBatch:
+    """Right-padded rows: classification (labels: one class id per row) or causal LM (labels per position)."""
+    if examples[0].label is not None:
+        length = max(len(e.ids) for e in examples)
+        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (rows, seq)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, e in enumerate(examples):
+            ids[row, : len(e.ids)] = torch.tensor(e.ids)
+            mask[row, : len(e.ids)] = 1
+        return ModelBatch(input_ids=ids, labels=torch.tensor([e.label for e in examples]), attention_mask=mask)
+    length = max(len(e.ids) - 1 for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.ids[:-1]), torch.tensor(e.labels), 1
+    return ModelBatch(input_ids=ids, labels=labels, attention_mask=mask)
+
+
+def collate_packed(rows: list[list[Encoded]], pad_id: int, length: int) -> ModelBatch:
+    """Rows of `length` tokens, each holding whole examples end to end; position ids restart at every example
+    (HF builds the block-diagonal causal mask from them: no attention across examples) and the padding at a
+    row's end is one more block with no targets. No attention mask, so the packing is what the model sees."""
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (rows, seq)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, examples in enumerate(rows):
+        at = 0
+        for e in examples:
+            n = len(e.ids) - 1
+            ids[r, at : at + n] = torch.tensor(e.ids[:-1])
+            labels[r, at : at + n] = torch.tensor(e.labels)
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(length - at)
+    return ModelBatch(input_ids=ids, labels=labels, position_ids=positions)
+
+
+def pack_rows(examples: Iterator[Encoded], num_rows: int, length: int) -> tuple[list[list[Encoded]], int]:
+    """Fill `num_rows` rows of `length` input tokens greedily from `examples` (in order); (rows, examples used)."""
+    rows: list[list[Encoded]] = [[]]
+    used, room = 0, length
+    for e in examples:
+        n = len(e.ids) - 1
+        if n > room:
+            if len(rows) == num_rows:
+                break
+            rows.append([])
+            room = length
+        rows[-1].append(e)
+        room -= n
+        used += 1
+    rows += [[] for _ in range(num_rows - len(rows))]
+    return rows, used
+
+
+# ---------------------------------------------------------------- loaders
+
+
+class ExampleLoader:
+    """Training batches: this rank's rows of every global batch of `global_batch_size` rows, forever.
+
+    Example order: a fresh seeded permutation per epoch. With `pack_length`, each global row packs as many
+    consecutive examples as fit in `pack_length` tokens. State: the number of examples consumed.
+    """
+
+    def __init__(self, examples: list[Encoded], *, global_batch_size: int, rank: int, world_size: int, seed: int,
+                 pad_id: int, pack_length: int | None = None):
+        if not examples:
+            raise UserError("no training examples", "finetune.task")
+        if global_batch_size % world_size:
+            raise UserError(f"global batch {global_batch_size} is not divisible by the world size {world_size}",
+                            "train.global_batch_size")
+        self.examples, self.global_batch_size = examples, global_batch_size
+        self.rank, self.world_size, self.seed, self.pad_id, self.pack_length = rank, world_size, seed, pad_id, pack_length
+        self.samples_consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = int(state["samples_consumed"])
+
+    def _stream(self, start: int) -> Iterator[Encoded]:
+        """Examples from global index `start` on: epoch e is the permutation seeded by (seed, e)."""
+        n = len(self.examples)
+        epoch, offset = divmod(start, n)
+        for e in itertools.count(epoch):
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + e).shuffle(order)
+            for i in order[offset:]:
+                yield self.examples[i]
+            offset = 0
+
+    def _rows(self, batch: ModelBatch) -> ModelBatch:
+        per_rank = batch.input_ids.shape[0] // self.world_size
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return ModelBatch(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})
+
+    def __iter__(self) -> Iterator[ModelBatch]:
+        while True:
+            stream = self._stream(self.samples_consumed)
+            if self.pack_length:
+                rows, used = pack_rows(stream, self.global_batch_size, self.pack_length)
+                batch = collate_packed(rows, self.pad_id, self.pack_length)
+            else:
+                used = self.global_batch_size
+                batch = collate_padded(list(itertools.islice(stream, used)), self.pad_id)
+            self.samples_consumed += used
+            yield self._rows(batch)
+
+
+def eval_batches(examples: list[Encoded], *, global_batch_size: int, rank: int, world_size: int, pad_id: int) -> Iterator[ModelBatch]:
+    """Every evaluation example once, in order; the last global batch is filled with rows that have no targets."""
+    filler = examples[0]
+    for start in range(0, len(examples), global_batch_size):
+        chunk = examples[start : start + global_batch_size]
+        if filler.label is not None:
+            chunk += [Encoded(ids=filler.ids, label=IGNORE_INDEX)] * (global_batch_size - len(chunk))
+        else:
+            chunk += [Encoded(ids=filler.ids, labels=[IGNORE_INDEX] * len(filler.labels))] * (global_batch_size - len(chunk))
+        batch = collate_padded(chunk, pad_id)
+        per_rank = global_batch_size // world_size
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        yield ModelBatch(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})

@@ -1,0 +1,48 @@
+"""Running a sweep's runs: each one `ember pretrain CONFIG` (or `ember launch CONFIG`) in its own process.
+
+Resumable by construction: a run whose metrics.jsonl ends with a finished summary is skipped, and any
+other is started again, which resumes it from the newest checkpoint in its run directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ember.errors import UserError
+from ember.pretrain.scaling.runs import run_result
+
+
+def run_command(run: dict, via: str) -> list[str]:
+    ember = [sys.executable, "-m", "ember"]
+    return [*ember, "launch" if via == "launch" else "pretrain", run["config"]]
+
+
+def train_run(run: dict, via: str, index: str = "") -> dict:
+    """Train one run of a sweep (skipped when finished); returns its result (params, tokens, loss)."""
+    done = run_result(Path(run["run_dir"]))
+    if done is not None:
+        print(f"{index} {run['name']}: finished before, skipped (val loss {done['loss']:.4f})", flush=True)
+        return done
+    resuming = (Path(run["run_dir"]) / "checkpoints").is_dir()
+    print(f"{index} {run['name']}: {run['params']:,} params, {run['tokens']:,} tokens, {run['steps']} steps"
+          f"{' (resuming from its checkpoint)' if resuming else ''}", flush=True)
+    log = Path(run["run_dir"]).with_suffix(".out")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with log.open("a") as out:
+        code = subprocess.call(run_command(run, via), stdout=out, stderr=subprocess.STDOUT)
+    result = run_result(Path(run["run_dir"]))
+    if code != 0 or result is None:
+        tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"sweep run {run['name']} failed with exit code {code}: {tail[0]}", str(log))
+    print(f"{index} {run['name']}: val loss {result['loss']:.4f} in {time.time() - started:.0f} s", flush=True)
+    return result
+
+
+def run_sweep(sweep: dict, via: str = "pretrain") -> list[dict]:
+    """Every run of the sweep, in order (small budgets first)."""
+    runs = sweep["runs"]
+    return [train_run(run, via, f"[{i}/{len(runs)}]") for i, run in enumerate(runs, start=1)]
