@@ -139,12 +139,19 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
 
 # ---------------------------------------------------------------- memory per rank
 #
-# Model state, bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1):
-#   fp32:                       weights 4, grads 4, AdamW exp_avg + exp_avg_sq 8.
+# Model state, bytes per parameter (Rajbhandari et al. 2020, ZeRO, section 3.1), as measured per rank in real
+# 2-rank runs on CPU (tests/pretrain/test_memory.py counts every tensor each backend holds):
+#   fp32, single/ddp/fsdp:      weights 4, grads 4, AdamW exp_avg + exp_avg_sq 8.
+#   fp32, DeepSpeed ZeRO-1/2:   weights 4, grads 4, and an fp32 master copy next to the weights: 4 + 8 = 12.
+#   fp32, DeepSpeed ZeRO-3:     weights 4, grads 4, AdamW 8: ember makes the parameter partition *be* the fp32
+#                               master (backends/zero.py, share_master_partitions).
 #   bf16 with DeepSpeed:        bf16 weights 2, bf16 grads 2, fp32 master + AdamW 12 (the ZeRO paper's K = 12).
 #   bf16 with single/ddp/fsdp:  the parameters stay fp32 (they are the master copy) and compute runs on bf16 copies
 #                               (autocast casts, or FSDP2's gathered bf16 params), so 4 + 4 + 8 plus those copies.
-# Sharding divides: fsdp and ZeRO-3 everything; ZeRO-2 optimizer and grads; ZeRO-1 the optimizer.
+# Sharding divides: fsdp and ZeRO-3 everything; ZeRO-2 optimizer and grads; ZeRO-1 the optimizer. ZeRO-1 keeps
+# whole gradients until the last micro-batch reduces them; ZeRO-2 reduces every micro-batch into a partition buffer
+# that holds each parameter reaching into the rank's slice whole (up to two straddling parameters, bounded here by
+# the largest). DDP also holds its gradient buckets (another grads' worth, inside its C++ reducer; not counted).
 #
 # Activations saved for backward, per layer and token (fused sdpa attention keeps no seq x seq scores; no dropout),
 # after Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", section 4.1)
@@ -178,6 +185,8 @@ def _state_bytes_per_param(backend: str, precision: str) -> tuple[int, int, int]
     """(weights, grads, optimizer) bytes per parameter before sharding."""
     if precision == "bf16" and backend.startswith("zero"):
         return 2, 2, 12
+    if backend in ("zero1", "zero2"):
+        return 4, 4, 12  # the fp32 master partition is a copy of the weights
     return 4, 4, 8
 
 
@@ -186,6 +195,14 @@ def _shard_degrees(backend: str, world_size: int) -> tuple[int, int, int]:
     n = world_size
     return {"single": (1, 1, 1), "ddp": (1, 1, 1), "fsdp": (n, n, n),
             "zero1": (1, 1, n), "zero2": (1, n, n), "zero3": (n, n, n)}[backend]
+
+
+def largest_param_numel(model_cfg: ModelConfig) -> int:
+    """Elements of the largest single parameter (the embedding table or the head, in these architectures)."""
+    if model_cfg.arch not in COUNTED_ARCHS:
+        return max(p.numel() for p in build_meta_model(model_cfg).parameters())
+    s = shapes_of(model_cfg)
+    return max(s.vocab * s.hidden, s.hidden * s.ffn, s.hidden * s.num_heads * s.head_dim)
 
 
 def _largest_unit_params(model_cfg: ModelConfig) -> int:
@@ -238,6 +255,8 @@ def memory_per_rank(cfg, world_size: int, *, on_gpu: bool = True, backend: str |
     per_param = _state_bytes_per_param(backend, precision)
     degrees = _shard_degrees(backend, world_size)
     weights, grads, optimizer = (math.ceil(num_params * b / d) for b, d in zip(per_param, degrees))
+    if backend == "zero2" and world_size > 1:
+        grads += largest_param_numel(model_cfg) * per_param[1]  # parameters straddling the partition's edge
     compute_elem = 2 if precision == "bf16" else 4
     if backend in ("fsdp", "zero3") and world_size > 1:
         # Two units gathered at once (the current one and the prefetched next), plus one unit's unsharded grads.

@@ -96,6 +96,7 @@ def test_fp32_single_holds_sixteen_bytes_per_param():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sharding_divides_what_each_backend_shards(precision):
     cfg = run_cfg(f"train.precision={precision}")
+    n = accounting.count_params(cfg.model)["total"]
     full = {b: state(accounting.memory_per_rank(cfg, 1, backend=b)) for b in accounting.BACKENDS}
     four = {b: state(accounting.memory_per_rank(cfg, 4, backend=b)) for b in accounting.BACKENDS}
 
@@ -105,14 +106,18 @@ def test_sharding_divides_what_each_backend_shards(precision):
     w, g, o = full["ddp"]
     assert four["ddp"] == four["single"] == full["ddp"]
     assert four["fsdp"] == (quarter(w), quarter(g), quarter(o))
-    wz, gz, oz = full["zero3"]
+    wz, gz, oz = full["zero1"]
     assert four["zero1"] == (wz, gz, quarter(oz))
-    assert four["zero2"] == (wz, quarter(gz), quarter(oz))
-    assert four["zero3"] == (quarter(wz), quarter(gz), quarter(oz))
-    assert sum(full["zero3"]) == sum(full["ddp"])  # 16 bytes per parameter either way
+    # ZeRO-2's gradient partition holds the parameters straddling its edge whole (bounded by the largest one).
+    straddling = accounting.largest_param_numel(cfg.model) * gz // n
+    assert four["zero2"] == (wz, quarter(gz) + straddling, quarter(oz))
+    assert four["zero2"][1] < four["zero1"][1]
+    w3, g3, o3 = full["zero3"]
+    assert four["zero3"] == (quarter(w3), quarter(g3), quarter(o3))
     if precision == "bf16":  # DeepSpeed: bf16 params and grads, fp32 master + AdamW
-        n = accounting.count_params(cfg.model)["total"]
-        assert full["zero1"] == (2 * n, 2 * n, 12 * n)
+        assert full["zero1"] == full["zero3"] == (2 * n, 2 * n, 12 * n)
+    else:  # fp32: ZeRO-1/2 keep an fp32 master copy beside the weights; ember's ZeRO-3 makes them one
+        assert full["zero1"] == (4 * n, 4 * n, 12 * n) and full["zero3"] == full["ddp"] == (4 * n, 4 * n, 8 * n)
 
 
 def test_world_size_two_halves_fsdp_and_zero3_state():
