@@ -104,7 +104,7 @@ def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metri
     dtype = backend.autocast_dtype or torch.float32
     per_token = flops_per_token(cfg.model, cfg.train.seq_len)
     tracker = start_tracking(cfg, rank=backend.rank, world_size=backend.world_size, device=backend.device,
-                             num_params=count_params(cfg.model)["total"], flops_per_token=per_token, resume=cfg.train.resume)
+                             num_params=count_params(cfg.model)["total"], flops_per_token=per_token, resume_step=resume_step)
     return Metrics(cfg.run_dir, rank=backend.rank, world_size=backend.world_size, device=backend.device,
                    max_steps=cfg.train.max_steps, tokens_per_step=tokens_per_step, flops_per_token=per_token,
                    peak_flops=device_peak_flops(backend.device, dtype), resume_step=resume_step, tracker=tracker)

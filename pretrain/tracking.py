@@ -1,9 +1,13 @@
 """Weights & Biases tracking of one run (rank 0 only), a sink of `Metrics` beside metrics.jsonl.
 
 One W&B run per job: its id is kept in `run_dir/wandb_run.json`, so every restart (torchrun, SLURM
-requeue, manual rerun) continues it with `resume="allow"`. W&B cannot take a step back, so the steps
-a killed process logged after its last checkpoint are not logged again when the resumed run replays
-them (they are bit-identical on CPU). W&B's own files live in `run_dir/wandb/`.
+requeue, manual rerun) continues it with `resume="allow"`. W&B's own files live in `run_dir/wandb/`.
+
+Each step reaches the run once. W&B cannot take a step back, and a killed process loses what W&B had
+not yet flushed (its offline log is written every 15 s). So a resumed process first asks W&B what the
+run holds (offline: wandb's reader on the earlier .wandb files; online: the resumed run's step), logs
+the records of metrics.jsonl up to its checkpoint that W&B lacks, and then skips the replayed steps W&B
+already has (they are bit-identical on CPU).
 
 Tracking never stops training: the first failure of W&B (init, network, disk) logs one warning and
 turns tracking off for the rest of the process; metrics.jsonl goes on regardless.
@@ -18,6 +22,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -60,14 +65,14 @@ def redact(value):
     return value
 
 
-def flatten(record: dict, prefix: str) -> dict:
+def flatten(record: dict, prefix: str, skip: tuple = ("kind", "step", "time")) -> dict:
     """One record of metrics.jsonl as W&B keys: `train/loss`, `train/tokens_by_source/stdlib`, ..."""
     out = {}
     for key, value in record.items():
-        if key in ("kind", "step", "time"):
+        if key in skip:
             continue
         if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}/"))
+            out.update(flatten(value, f"{prefix}{key}/", ()))
         elif value is not None:
             out[f"{prefix}{key}"] = value
     return out
@@ -146,10 +151,9 @@ def parent_run_id(cfg) -> str | None:
 class Tracker:
     """One W&B run. `log` takes metrics.jsonl records; any W&B failure warns once and stops tracking."""
 
-    def __init__(self, run, run_dir: Path, state: dict):
-        self.run, self.run_dir, self.state = run, Path(run_dir), state
-        # Steps this run already holds per record kind, from the processes before this one.
-        self.logged_before = dict(state.get("logged", {}))
+    def __init__(self, run, held: dict[str, int]):
+        self.run = run
+        self.held = held  # per record kind, the last step the W&B run already holds from earlier processes
 
     @property
     def active(self) -> bool:
@@ -166,13 +170,11 @@ class Tracker:
         kind, step = record.get("kind"), record.get("step")
         try:
             if kind == "summary":
-                self.run.summary.update(flatten(record, ""))
+                self.run.summary.update(flatten(record, "", skip=("kind", "time")))
                 return
-            if kind not in ("train", "eval") or step is None or step <= self.logged_before.get(kind, 0):
-                return  # a step a previous process already logged (replayed after resume)
+            if kind not in ("train", "eval") or step is None or step <= self.held.get(kind, 0):
+                return  # a step the run holds from an earlier process (replayed after resume)
             self.run.log(flatten(record, f"{kind}/"), step=step)
-            self.state.setdefault("logged", {})[kind] = step
-            write_state(self.run_dir, self.state)
         except Exception as e:  # noqa: BLE001 - a tracking failure must never stop training
             self._fail("logging", e)
 
@@ -205,22 +207,62 @@ class Tracker:
                 log.warning("W&B finish failed: %s: %s", type(e).__name__, e)
 
 
+def offline_steps_held(run_dir: Path, run_id: str) -> dict[str, int]:
+    """Last train and eval step in the offline .wandb files earlier processes wrote, read by wandb's own reader."""
+    import shutil
+
+    reader = Path(sys.executable).with_name("wandb")
+    reader = str(reader) if reader.exists() else shutil.which("wandb")
+    held: dict[str, int] = {}
+    for path in sorted(Path(run_dir, "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+        out = subprocess.run([reader, "leet", "inspect", "--json", str(path)], capture_output=True, text=True, timeout=60)
+        for line in out.stdout.splitlines():
+            if '"history"' not in line:
+                continue
+            history = json.loads(line).get("history", {})
+            step = int(history.get("step", {}).get("num", 0))
+            for kind in ("train", "eval"):
+                if any(key.startswith(kind + "/") for key in history.get("item", {})):
+                    held[kind] = max(held.get(kind, 0), step)
+    return held
+
+
+def records_up_to(run_dir: Path, step: int) -> list[dict]:
+    """metrics.jsonl's train and eval records up to `step` (a resumed run's checkpoint)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by the kill
+        if record.get("kind") in ("train", "eval") and record.get("step", 0) <= step:
+            out.append(record)
+    return out
+
+
 def start_tracking(cfg, *, rank: int, world_size: int, device, num_params: int, flops_per_token: float,
-                   resume: bool) -> Tracker | None:
-    """The W&B run of this job on rank 0 (None elsewhere, when disabled, or when W&B fails to start)."""
+                   resume_step: int) -> Tracker | None:
+    """The W&B run of this job on rank 0 (None elsewhere, when disabled, or when W&B fails to start).
+
+    `resume_step` is the checkpoint step the run resumes from (0 for a fresh start)."""
     tracking = cfg.tracking
     mode = resolve_mode(tracking.wandb)
     if rank != 0 or mode == "disabled":
         return None
     run_dir = Path(cfg.run_dir)
-    state = read_state(run_dir) if resume else {}
+    state = read_state(run_dir) if cfg.train.resume else {}
     if not state.get("id"):
         import secrets
 
         state = {"id": secrets.token_hex(4)}  # W&B ids: [a-z0-9], 8 characters are enough within a project
+    parent = None
     try:
         import wandb
 
+        held = offline_steps_held(run_dir, state["id"]) if mode == "offline" else {}
         parent = parent_run_id(cfg)
         config = redact(cfg.model_dump(mode="json"))
         config["system"] = system_facts(world_size, device)
@@ -234,13 +276,20 @@ def start_tracking(cfg, *, rank: int, world_size: int, device, num_params: int, 
             settings=wandb.Settings(silent=True, console="off", init_timeout=tracking.init_timeout_s),
         )
         write_state(run_dir, state)
+        if mode == "online" and run.step > 0:  # a resumed online run: the server holds steps below run.step
+            held = {"train": run.step - 1, "eval": run.step - 1}
         run.summary.update({"num_params": num_params, "flops_per_token": flops_per_token})
     except Exception as e:  # noqa: BLE001 - no W&B failure stops training
         log.warning("W&B did not start, training goes on without it (metrics.jsonl is written): %s: %s",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    log.info("W&B run %s (%s, %s)%s", state["id"], mode, run_dir / "wandb", f", parent run {parent}" if parent else "")
-    return Tracker(run, run_dir, state)
+    tracker = Tracker(run, held)
+    backfill = [r for r in records_up_to(run_dir, resume_step) if r["step"] > held.get(r["kind"], 0)]
+    for record in backfill:  # what an earlier process logged but W&B never stored
+        tracker.log(record)
+    log.info("W&B run %s (%s, %s)%s%s", state["id"], mode, run_dir / "wandb", f", parent run {parent}" if parent else "",
+             f", {len(backfill)} record(s) W&B had lost logged again" if backfill else "")
+    return tracker
 
 
 def finish_tracking(tracker: Tracker | None, cfg, *, checkpoint: Path | None, hf_dir: Path | None) -> None:
