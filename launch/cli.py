@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 import ember
 from ember.errors import UserError
 from ember.logs import setup_logging
+from ember.pretrain.faults import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, end_on_user_error, peer_user_error
 
-NOT_BUILT: dict[str, str] = {}  # command groups still to build, each answering "not built yet" (none now)
+NOT_BUILT = {
+}
 
 
 def _not_built(name: str):
@@ -41,15 +44,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(verbose=args.verbose)
+    worker = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a torchrun worker
     try:
         code = args.func(args) or 0
     except UserError as e:
-        print(e.line(), file=sys.stderr)
-        code = 2
+        code = end_on_user_error(e.line()) if worker else print(e.line(), file=sys.stderr) or EXIT_USER_ERROR
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
+        code = EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun worker
+    except Exception:
+        if not worker:
+            raise
+        # A collective that failed because a peer stopped on a user error: end quietly, as that peer did.
+        if peer_user_error():
+            code = end_on_user_error(None)
+        else:
+            traceback.print_exc()
+            code = 1
+    if worker:
         from ember.pretrain.distributed import exit_worker
 
         exit_worker(code)

@@ -5,7 +5,8 @@ rendezvous and restarts are torch's. Three things differ, all about how a job en
 - a worker that stops on a user error (its own or a peer's) sends this agent SIGUSR2 (env
   `EMBER_ELASTIC_AGENT`): the agent stops the other workers at once instead of restarting them, and
   exits 2; the worker has printed the one error line;
-- workers that all stopped on a preemption exit `EXIT_PREEMPTED`, and so does this agent;
+- workers that all stopped on a preemption exit `EXIT_PREEMPTED`, and so does this agent (also when the
+  agent itself got the stop signal and passed it on to them);
 - any other failure is one line naming the rank and its exit code instead of torchrun's traceback.
 """
 
@@ -25,10 +26,17 @@ class _Stopped:
     user_error = False
 
 
+def quiet_torch_logs(prefix: str) -> None:
+    """Silence torch's loggers under `prefix`: what they would say, ember says in one line."""
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith(prefix)]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _on_worker_user_error(signum, frame) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     _Stopped.user_error = True
+    quiet_torch_logs("torch.distributed")  # the worker printed the one line of this job's end
     # torch's own shutdown path for a signalled agent: SIGTERM to every worker, no restart.
     raise SignalException("a worker stopped on a user error", sigval=signal.SIGTERM)
 
@@ -39,7 +47,7 @@ def exit_code(failures: dict[int, int]) -> tuple[int, str | None]:
     if EXIT_USER_ERROR in codes:
         return EXIT_USER_ERROR, None  # the worker printed its line
     if codes == {EXIT_PREEMPTED}:
-        return EXIT_PREEMPTED, f"preempted: the workers saved a checkpoint and exited {EXIT_PREEMPTED}; start the job again to resume"
+        return EXIT_PREEMPTED, None  # rank 0 printed where it stopped
     rank, code = min(failures.items())
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
     return 1, f"error: worker rank {rank} failed ({how}; its log is run_dir/logs/rank{rank}.log)"
@@ -53,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[AGENT_ENV] = str(os.getpid())
     signal.signal(signal.SIGUSR2, _on_worker_user_error)
     args = parse_args(argv)
+    quiet_torch_logs("torch.distributed.elastic.multiprocessing")  # per-process failure reports: see exit_code
     try:
         run(args)
     except ChildFailedError as e:
-        code, line = exit_code({f.global_rank: f.exitcode for f in e.failures.values()})
+        code, line = exit_code({rank: failure.exitcode for rank, failure in e.failures.items()})
         if line:
             print(line, file=sys.stderr)
         return code

@@ -6,9 +6,13 @@ Layout of `run_dir/checkpoints/`:
         rng/rank{R}.pt        RNG states of rank R (tensors, ints and tuples only: loaded with weights_only)
         config.yaml           the resolved run config (what `ember export` builds the model from)
         tokenizer/            the dataset's tokenizer files, so the checkpoint exports on its own
+        manifest.json         size and sha256 of every file above; written last, it commits the checkpoint
     latest                    text file: name of the newest checkpoint
 A checkpoint is written as `step_XXXXXXXX.tmp` and renamed when complete, so a killed run
-never leaves a half-written directory under a valid name. With `train.async_checkpoint` the backend
+never leaves a half-written directory under a valid name. Resuming checks the newest checkpoint
+against its manifest (sizes and checksums); one that fails (a truncated or altered file, a disk
+that lost a write) is skipped with a warning naming the file, and the previous one is used.
+With `train.async_checkpoint` the backend
 payload is written in the background while training goes on; the rename (and `latest`, and pruning)
 waits until it is on disk: at the next save, before the final export, or when the backend closes.
 """
@@ -27,17 +31,19 @@ import numpy as np
 import torch
 
 from ember.errors import UserError
+from ember.pretrain import distributed
 
 log = logging.getLogger("ember.pretrain.checkpoint")
 
 NAME = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 # Fields that may change between a run and its resumption without changing the training itself.
 RESUMABLE_CHANGES = {"run_dir", "tracking", "launch", "finetune"}
 TRAIN_RESUMABLE_CHANGES = {"backend", "zero_stage", "micro_batch_size", "eval_every", "eval_batches", "log_every",
                            "checkpoint_every", "keep_last", "stop_after_steps", "resume", "export_hf", "cpu_offload",
                            "activation_checkpointing", "ac_every", "compile", "deepspeed", "max_nonfinite_steps",
-                           "async_checkpoint"}
+                           "async_checkpoint", "hang_timeout_s", "collective_timeout_s"}
 
 
 # Model fields that fix the parameters' shapes: a checkpoint loads only into the model it was trained as.
@@ -86,11 +92,50 @@ def read_trainer_state(ckpt_dir: Path) -> dict | None:
 
 
 def find_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Committed checkpoints under `root` (trainer state and manifest present), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and read_trainer_state(p) is not None]
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and (p / MANIFEST_FILE).is_file()
+             and read_trainer_state(p) is not None]
     return sorted(found, key=lambda p: p.name)
+
+
+# ---------------------------------------------------------------- manifest: sizes and checksums
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """Record the size and sha256 of every file of `ckpt_dir`, then the manifest itself (tmp name, rename)."""
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
+    tmp = ckpt_dir / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    tmp.replace(ckpt_dir / MANIFEST_FILE)
+
+
+def manifest_problem(ckpt_dir: Path) -> str | None:
+    """What is wrong with `ckpt_dir` against its manifest (naming the file), None when every file checks out."""
+    try:
+        entries = json.loads((ckpt_dir / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{ckpt_dir / MANIFEST_FILE} is missing or unreadable"
+    for name, entry in entries.items():  # sizes first: a truncated file is found without reading the others
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+    for name, entry in entries.items():
+        if sha256_of(ckpt_dir / name) != entry["sha256"]:
+            return f"{ckpt_dir / name} does not match its checksum in the manifest"
+    return None
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -154,8 +199,25 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def newest(self) -> Path | None:
+        """The newest checkpoint (no verification)."""
         found = find_checkpoints(self.root)
         return found[-1] if found else None
+
+    def newest_valid(self) -> Path | None:
+        """The newest checkpoint that matches its manifest; damaged newer ones are skipped with a warning.
+
+        Collective: rank 0 reads and checks the files, every rank gets its choice.
+        """
+        chosen = None
+        if self.backend.rank == 0:
+            for ckpt in reversed(find_checkpoints(self.root)):
+                problem = manifest_problem(ckpt)
+                if problem is None:
+                    chosen = str(ckpt)
+                    break
+                log.warning("checkpoint %s is damaged (%s): skipped, trying the previous one", ckpt.name, problem)
+        chosen = distributed.broadcast_object(chosen)
+        return Path(chosen) if chosen else None
 
     def save(self, state, loader) -> Path:
         """Write checkpoint `step_{state.step}`; returns its directory (visible once published, see the module doc)."""
@@ -181,6 +243,11 @@ class CheckpointManager:
             self._publish_written(tmp, final, all_ranks=True)
         return final
 
+    def wait(self) -> None:
+        """Return once every checkpoint saved so far is on disk and published (collective)."""
+        if self.async_save:
+            self.backend.finish_save()
+
     def _write_state(self, tmp: Path, state, loader_state: dict) -> None:
         (tmp / "config.yaml").write_text(self.config_yaml)
         if self.tokenizer_dir is not None:
@@ -196,6 +263,7 @@ class CheckpointManager:
         publish because its DCP write returns only after every rank's shards and the metadata are written.
         """
         if self.backend.rank == 0:
+            write_manifest(tmp)  # last: a checkpoint without one was never finished
             if final.exists():  # the same step saved again (a resumed run that had nothing left to do)
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -79,6 +79,8 @@ class TrainConfig(Section):
     stop_after_steps: int | None = Field(None, gt=0, description="end this process after this step (checkpoint saved, schedule unchanged); rerun to resume")
     resume: bool = Field(True, description="continue from the newest valid checkpoint in run_dir/checkpoints when there is one")
     export_hf: bool = Field(True, description="write a Hugging Face model directory to run_dir/hf at the end of the run")
+    hang_timeout_s: float = Field(1800.0, ge=0, description="end a rank whose loop made no progress for this long (stacks in its log, exit 3; 0: off)")
+    collective_timeout_s: float = Field(1800.0, gt=0, description="timeout of a collective operation (process group timeout)")
 
     @model_validator(mode="after")
     def _batch(self):

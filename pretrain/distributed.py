@@ -34,6 +34,19 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The store torchrun's agent serves its workers, under a prefix of its own for each restart (None: not torchrun's).
+
+    torchrun (2.13, c10d rendezvous) hands its workers the rendezvous store itself and keeps it across
+    restarts. Without a prefix per attempt, restarted workers read the previous attempt's gloo addresses
+    and hang while connecting (seen here after a rank was killed under --max-restarts).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/ember/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun described in the environment (WORLD_SIZE > 1), else run alone.
 
@@ -47,7 +60,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = attempt_store(world_size, timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -86,6 +104,15 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / dist.get_world_size()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (picklable; `obj` itself when alone)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def destroy() -> None:

@@ -18,7 +18,8 @@ Python stacks in its log. User errors: `end_on_user_error` makes one rank's erro
 Fault injection for tests, read from the environment here and nowhere else:
     EMBER_POISON_STEP=7 | 3,4,5 | 3-5     those steps' loss is NaN (rank 0; the reductions spread it)
     EMBER_FAULT=KIND@RANK:STEP[,...]      at the start of STEP, rank RANK: kill (SIGKILL itself),
-                                          term / usr1 (send itself the signal), stall (sleep forever)
+                                          term / usr1 (send itself the signal), stall (sleep forever),
+                                          error (a user error on that rank only, as a file only it reads)
 EMBER_FAULT acts only in a job's first attempt (torchrun's TORCHELASTIC_RESTART_COUNT 0), so the
 restarted workers run clean.
 """
@@ -52,8 +53,8 @@ class Preempted(Exception):
 
     def __init__(self, step: int, signal_name: str):
         self.step, self.signal_name = step, signal_name
-        super().__init__(f"preempted ({signal_name}): stopped after step {step} with its checkpoint saved; "
-                         f"exit code {EXIT_PREEMPTED}, start again to resume")
+        super().__init__(f"preempted by {signal_name}: every rank stopped after step {step} with its checkpoint saved "
+                         f"(exit code {EXIT_PREEMPTED}; start the job again to resume)")
 
 
 # ---------------------------------------------------------------- preemption
@@ -141,6 +142,52 @@ class Watchdog:
         os._exit(EXIT_HUNG)
 
 
+# ---------------------------------------------------------------- what the loop calls
+
+
+def rank_log_file() -> Path | None:
+    """This rank's log file (`logs.add_log_file`), where the watchdog writes the stacks."""
+    for handler in logging.getLogger("ember").handlers:
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename)
+    return None
+
+
+class TrainingGuard:
+    """The fault contract around a training loop: stop signals, the hang watchdog and the injected faults.
+
+    `step_started(step)` at the top of every step, `stop_agreed(step, device)` at its end (collective).
+    """
+
+    def __init__(self, hang_timeout_s: float, rank: int):
+        self.rank = rank
+        self.signals = StopSignals()
+        self.watchdog = Watchdog(hang_timeout_s, rank, rank_log_file())
+        self.faults = planned_faults()
+
+    def __enter__(self) -> TrainingGuard:
+        self.signals.__enter__()
+        self.watchdog.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.watchdog.__exit__(*exc)
+        self.signals.__exit__(*exc)
+
+    def step_started(self, step: int) -> None:
+        self.watchdog.beat(step - 1)
+        inject(self.faults, step, self.rank)
+
+    def stop_agreed(self, step: int, device) -> bool:
+        """Whether every rank stops after `step` (one rank's SIGTERM/SIGUSR1 is enough)."""
+        self.watchdog.beat(step)
+        return stop_agreed(self.signals.received is not None, device)
+
+    @property
+    def signal_name(self) -> str:
+        return self.signals.received or "a stop signal to another rank"
+
+
 # ---------------------------------------------------------------- user errors on one rank
 
 
@@ -207,9 +254,12 @@ def poisoned_steps() -> set[int]:
     return steps
 
 
+FAULT_KINDS = ("kill", "term", "usr1", "stall", "error")
+
+
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # kill | term | usr1 | stall
+    kind: str  # kill | term | usr1 | stall | error
     rank: int
     step: int
 
@@ -222,8 +272,8 @@ def planned_faults() -> list[Fault]:
     for part in filter(None, os.environ.get(FAULT_ENV, "").replace(" ", "").split(",")):
         kind, _, where = part.partition("@")
         rank, _, step = where.partition(":")
-        if kind not in ("kill", "term", "usr1", "stall") or not rank.isdigit() or not step.isdigit():
-            raise ValueError(f"{FAULT_ENV}: {part!r} is not KIND@RANK:STEP with KIND kill, term, usr1 or stall")
+        if kind not in FAULT_KINDS or not rank.isdigit() or not step.isdigit():
+            raise ValueError(f"{FAULT_ENV}: {part!r} is not KIND@RANK:STEP with KIND one of {', '.join(FAULT_KINDS)}")
         faults.append(Fault(kind, int(rank), int(step)))
     return faults
 
@@ -238,6 +288,10 @@ def inject(faults: list[Fault], step: int, rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault.kind in ("term", "usr1"):
             os.kill(os.getpid(), signal.SIGTERM if fault.kind == "term" else signal.SIGUSR1)
+        elif fault.kind == "error":
+            from ember.errors import UserError
+
+            raise UserError(f"injected user error on rank {rank} at step {step}", FAULT_ENV)
         else:
             while True:
                 time.sleep(3600)

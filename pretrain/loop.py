@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from ember.errors import UserError
 from ember.pretrain.config import TrainConfig
 from ember.pretrain.schedule import lr_at
-from ember.pretrain.step import CausalLMLoss, as_model_batch, poisoned_steps, train_step
+from ember.pretrain.faults import Preempted, TrainingGuard, poisoned_steps
+from ember.pretrain.step import CausalLMLoss, as_model_batch, train_step
 
 log = logging.getLogger("ember.pretrain.loop")
 
@@ -38,16 +39,20 @@ class NonFiniteStop(UserError):
 
 
 def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_size: int, evaluate, checkpoints, metrics,
-          loss=None) -> LoopState:
+          loss=None, guard: TrainingGuard | None = None) -> LoopState:
     """Train from `state.step` to `max_steps` (or `stop_after_steps`); returns the final state.
 
     `loader` yields pretraining token batches or `step.ModelBatch`es; `loss` defaults to the causal-LM loss.
+    `guard` (entered by the caller) carries the fault contract: after a stop signal on any rank, every rank
+    saves the checkpoint of the same step and raises `Preempted`.
     """
+    guard = guard or TrainingGuard(0, backend.rank)
     last_step = min(cfg.max_steps, cfg.stop_after_steps or cfg.max_steps)
     poisoned = poisoned_steps()
     batches = iter(loader)
     while state.step < last_step:
         step = state.step + 1
+        guard.step_started(step)
         batch = next(batches)
         model_batch = as_model_batch(batch)
         lr = lr_at(step, cfg)
@@ -78,6 +83,12 @@ def train(backend, cfg: TrainConfig, loader, state: LoopState, *, micro_batch_si
                                 f"step {step}, train.max_nonfinite_steps={cfg.max_nonfinite_steps}")
         if step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0):
             metrics.log_eval(step, evaluate())
-        if step == last_step or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        saved = step == last_step or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if saved:
             checkpoints.save(state, loader)
+        if step < last_step and guard.stop_agreed(step, backend.device):
+            if not saved:
+                checkpoints.save(state, loader)
+            checkpoints.wait()  # the exit code promises the checkpoint is on disk
+            raise Preempted(step, guard.signal_name)
     return state

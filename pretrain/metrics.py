@@ -39,11 +39,35 @@ def human(n: float) -> str:
     return f"{n:.1f}T"
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl. A line that is not JSON (the last one, torn by a kill mid-write) is
+    dropped with a warning: a run must survive the file it wrote when it died."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s: line %d is not a JSON record (torn by a process killed while writing it): dropped", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def drop_records_after(path: Path, step: int) -> None:
-    """On resume, forget the records a killed run wrote after its last checkpoint (atomic rewrite)."""
+    """On resume, forget what a stopped run wrote after its last checkpoint, so that every step's train and eval
+    records appear once however often the run was restarted (atomic rewrite)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept, seen = [], set()
+    for record in read_records(path):
+        key = (record.get("kind"), record.get("step"))
+        if record.get("step", 0) > step or (key[0] != "summary" and key in seen):
+            continue
+        seen.add(key)
+        kept.append(json.dumps(record))
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

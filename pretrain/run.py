@@ -17,9 +17,10 @@ import torch
 from ember.config import to_yaml
 from ember.errors import UserError
 from ember.logs import add_log_file
-from ember.pretrain import distributed
+from ember.pretrain import distributed, run_lock
 from ember.pretrain.checkpoint import CheckpointManager, check_resumable_shape, config_hash
 from ember.pretrain.kernels import decide_kernels
+from ember.pretrain.faults import Preempted, TrainingGuard
 from ember.pretrain.loop import LoopState, train
 from ember.pretrain.metrics import Metrics
 from ember.pretrain.optim import build_optimizer
@@ -70,14 +71,32 @@ class RunData:
                             rank=backend.rank, world_size=backend.world_size, seed=self.cfg.seed, num_workers=num_workers)
 
 
-def prepare_data(cfg, rank: int) -> RunData:
-    """The mixture's datasets: rank 0 prepares what is missing while the others wait; vocabularies checked."""
-    from ember.data.manifest import read_manifest
+def dataset_dir(entry) -> Path:
+    """Where a mixture entry's dataset is (or will be): its `path`, else the `output_dir` of its `prepare` config."""
+    from ember.config import load_config
+    from ember.data.config import PrepareConfig
+
+    if entry.path is not None:
+        return Path(entry.path)
+    return Path(load_config(entry.prepare, PrepareConfig, kind="data").output_dir)
+
+
+def prepare_data(cfg, world_size: int) -> RunData:
+    """The mixture's datasets, vocabularies checked. A run alone prepares what is missing first; a worker of a
+    distributed job never does (its peers would wait on it): `ember launch` prepares before any worker starts,
+    and every worker that finds a dataset missing stops at once with a line saying how to prepare it."""
+    from ember.data.manifest import MANIFEST, read_manifest
     from ember.data.prepare import ensure_prepared
 
-    dirs = [ensure_prepared(entry) for entry in cfg.data.datasets] if rank == 0 else None
-    distributed.barrier()
-    dirs = dirs or [ensure_prepared(entry) for entry in cfg.data.datasets]
+    if world_size == 1:
+        dirs = [ensure_prepared(entry) for entry in cfg.data.datasets]
+    else:
+        dirs = [dataset_dir(entry) for entry in cfg.data.datasets]
+        for entry, d in zip(cfg.data.datasets, dirs):
+            if not (d / MANIFEST).is_file():
+                how = f"`ember data prepare {entry.prepare} --set output_dir={d}`" if entry.prepare else "`ember data prepare`"
+                raise UserError(f"no prepared dataset here, and workers do not prepare data: run {how} first, "
+                                "or start the job with `ember launch`, which prepares it before the workers start", str(d))
     manifests = [read_manifest(d) for d in dirs]
     largest = max(m.vocab_size for m in manifests)
     if cfg.model.vocab_size < largest:
@@ -112,7 +131,7 @@ def build_metrics(cfg, backend, tokens_per_step: int, resume_step: int) -> Metri
 
 def resume(checkpoints: CheckpointManager, loader, enabled: bool) -> LoopState:
     """The loop state of the newest valid checkpoint (weights, optimizer, RNG and loader restored), or a fresh one."""
-    newest = checkpoints.newest() if enabled else None
+    newest = checkpoints.newest_valid() if enabled else None
     if newest is None:
         return LoopState()
     saved = checkpoints.load(newest)
@@ -138,15 +157,16 @@ def pretrain(cfg) -> dict:
     from ember.pretrain.backends import build_backend
 
     started, t = time.time(), cfg.train
-    env = distributed.init_distributed()
+    env = distributed.init_distributed(t.collective_timeout_s)
     num_micro = t.accumulation_steps(env.world_size)  # before anything is written: a bad batch is a user error
     global_batch = t.global_batch_sequences(env.world_size)
     if t.resume:
         check_resumable_shape(cfg.run_dir, cfg.model)
+    lock = run_lock.hold(cfg.run_dir) if env.rank == 0 else None  # noqa: F841 (held until this process ends)
     config_yaml = setup_run_dir(cfg, env.rank)
     kernels = decide_kernels(t, env.device, cfg.run_dir)  # rank 0's choice, or the checkpoint's on resume
     seed_everything(cfg.seed)
-    data = prepare_data(cfg, env.rank)
+    data = prepare_data(cfg, env.world_size)
     if not data.has_val:
         log.warning("a dataset has no validation split (prepared with val_fraction 0): no evaluation")
 
@@ -170,12 +190,16 @@ def pretrain(cfg) -> dict:
         log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
                  cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)
         train_started = time.time()
-        state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
-                      checkpoints=checkpoints, metrics=metrics)
+        with TrainingGuard(t.hang_timeout_s, backend.rank) as guard:
+            state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
+                          checkpoints=checkpoints, metrics=metrics, guard=guard)
         train_seconds = time.time() - train_started
         finished = state.step >= t.max_steps
         hf_dir = export_final(cfg, backend, data) if finished and t.export_hf else None
         succeeded = True
+    except Preempted:
+        succeeded = True  # every rank stopped after the same step: they can close together
+        raise
     finally:
         backend.close(all_ranks_done=succeeded)
     summary = {"step": state.step, "finished": finished, "resumed_from": start_step, "loss": metrics.last_train.get("loss"),

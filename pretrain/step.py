@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,8 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from ember.pretrain.fused_loss import IGNORE_INDEX, has_fused_loss
-
-POISON_ENV = "EMBER_POISON_STEP"
 
 @dataclass
 class ModelBatch:
@@ -86,19 +83,6 @@ class StepResult:
     grad_norm: float   # global pre-clip gradient norm
     finite: bool       # both of the above are finite: the update may be applied
     num_targets: int = 0  # supervised targets in the global batch
-
-
-def poisoned_steps() -> set[int]:
-    """Fault injection for tests: `EMBER_POISON_STEP=7` or `=3,4,5` or `=3-5` makes those steps' loss NaN.
-
-    The NaN is injected on rank 0 only; the gradient reduction and the loss all-reduce carry
-    it to the other ranks, which is exactly how a real bad batch spreads.
-    """
-    steps: set[int] = set()
-    for part in filter(None, os.environ.get(POISON_ENV, "").replace(" ", "").split(",")):
-        low, _, high = part.partition("-")
-        steps.update(range(int(low), int(high or low) + 1))
-    return steps
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float,

@@ -96,7 +96,7 @@ def test_loss_is_fp32_cross_entropy_plus_the_z_loss():
 
 
 def test_fault_injection_switch_parses_steps_lists_and_ranges(monkeypatch):
-    from ember.pretrain.step import POISON_ENV, poisoned_steps
+    from ember.pretrain.faults import POISON_ENV, poisoned_steps
 
     monkeypatch.setenv(POISON_ENV, "3, 7-9,12")
     assert poisoned_steps() == {3, 7, 8, 9, 12}
