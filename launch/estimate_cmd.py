@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}", "--mfu")
     gpu_mem = parse_bytes(args.gpu_mem, "--gpu-mem")
-    if not 0 <= args.rank < args.gpus:
-        raise UserError(f"--rank {args.rank} is not one of the {args.gpus} ranks", "--rank")
     cfg = load_config(args.config, RunConfig, args.overrides, kind="pretrain")
     console = Console(width=max(Console().width, 120))
     console.print(_model_table(cfg, args.gpus))
@@ -113,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(_speed_line(cfg, args.gpus, args.gpu_type, args.mfu))
     if args.simulate:
         report = simulation_report(cfg, args.gpus, args.rank, args.target, gpu_mem)
-        _print_simulation(console, report)
+        print_simulation(console, report)
         if args.json:
             _write_json(args.json, report)
     return 0
@@ -142,6 +140,8 @@ def simulation_report(cfg, num_gpus: int, rank: int, target: str, gpu_mem: int) 
     from ember.pretrain.simulate.rank import check_at_scale
 
     backend = accounting.backend_name(cfg.train)
+    if not 0 <= rank < num_gpus:
+        raise UserError(f"--rank {rank} is not one of the {num_gpus} ranks", "--rank")
     check_at_scale(cfg, num_gpus)
     formula = accounting.memory_per_rank(cfg, num_gpus, on_gpu=target == "gpu")
     report = {"backend": backend, "gpus": num_gpus, "rank": rank, "target": target, "gpu_mem": gpu_mem,
@@ -165,7 +165,7 @@ def simulation_report(cfg, num_gpus: int, rank: int, target: str, gpu_mem: int) 
     return report
 
 
-def _print_simulation(console: Console, report: dict) -> None:
+def print_simulation(console: Console, report: dict) -> None:
     if report["simulated"] is None:
         console.print(report["not_simulated"])
         return

@@ -154,6 +154,20 @@ def dry_run(cfg) -> int:
     return 0
 
 
+def simulate_job(cfg, gpu_mem: int) -> None:
+    """Rank 0 of the job's nodes x procs_per_node ranks, simulated as `ember estimate --simulate` does (on a GPU
+    target, except a local launch on this GPU-less machine)."""
+    import torch
+    from rich.console import Console
+
+    from ember.launch.estimate_cmd import print_simulation, simulation_report
+
+    launch = cfg.launch
+    target = "cpu" if launch.scheduler == "local" and not torch.cuda.is_available() else "gpu"
+    report = simulation_report(cfg, launch.nodes * launch.procs_per_node, 0, target, gpu_mem)
+    print_simulation(Console(width=120), report)
+
+
 def prepare_datasets(cfg) -> None:
     """Prepare every dataset of the mixture that is missing, here and now, before any worker starts."""
     from ember.data.prepare import ensure_prepared
@@ -178,9 +192,20 @@ def run_local(cfg, files: LaunchFiles) -> int:
 
 def run_launch(args: argparse.Namespace) -> int:
     cfg = load_launch_config(args)
+    if args.simulate and not args.dry_run:
+        raise UserError("--simulate plans the job without starting it: add --dry-run", "--simulate")
+    if args.simulate:  # its refusals come before anything is written
+        from ember.launch.estimate_cmd import parse_bytes
+        from ember.pretrain.simulate.rank import check_at_scale
+
+        gpu_mem = parse_bytes(args.gpu_mem, "--gpu-mem")
+        check_at_scale(cfg, cfg.launch.nodes * cfg.launch.procs_per_node)
     check_before_writing(cfg, args.dry_run)
     if args.dry_run:
-        return dry_run(cfg)
+        code = dry_run(cfg)
+        if args.simulate:
+            simulate_job(cfg, gpu_mem)
+        return code
     prepare_datasets(cfg)
     files = launch_files(cfg)
     files.write()
@@ -220,5 +245,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (default: a free local port; slurm: the first host)")
     p.add_argument("--k8s-api", help="pytorchjob (Kubeflow training operator v1) or trainjob (Kubeflow Trainer v2)")
     p.add_argument("--dry-run", action="store_true", help="write and print the files, start or submit nothing")
+    p.add_argument("--simulate", action="store_true",
+                   help="with --dry-run: simulate rank 0 of the job on fake tensors and show its memory per rank "
+                        "(as `ember estimate --simulate`)")
+    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU for --simulate (default 80GiB)")
     add_set_option(p)
     p.set_defaults(func=run_launch)

@@ -24,12 +24,13 @@ SIMULATED_BACKENDS = ("fsdp",)
 
 
 def simulated_config(cfg, target: str):
-    """`cfg` as the target runs it: compile off (kernels do not change what a step holds), and on a GPU target torch's
-    own matmuls (oneDNN is a CPU kernel choice)."""
-    train = {"compile": False}
-    if target == "gpu":
-        train["cpu_matmul"] = "torch"
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+    """`cfg` as a run on `target` builds it: precision and CPU GEMM decided as a run decides them (before any
+    process group: no peers to hear from), compile off (compiled kernels hold what eager ones do, and compiling
+    fake tensors would take minutes)."""
+    from ember.pretrain.kernels import decide_kernels
+
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
+    return decide_kernels(cfg.train, torch.device("cuda" if target == "gpu" else "cpu")).apply(cfg)
 
 
 def check_at_scale(cfg, world_size: int) -> int:
@@ -80,7 +81,6 @@ class SimulatedRank:
 
     def __init__(self, cfg, world_size: int, rank: int, target: str):
         from ember.pretrain.backends import build_backend
-        from ember.pretrain.backends.base import resolve_autocast_dtype
         from ember.pretrain.optim import build_optimizer
 
         self.cfg = simulated_config(cfg, target)
@@ -96,8 +96,6 @@ class SimulatedRank:
             raise
         except (RuntimeError, ValueError, AssertionError) as e:
             raise UserError(f"the model does not build on rank {rank} of {world_size}: {e}", "model") from None
-        if target == "gpu":
-            self.backend.autocast_dtype = resolve_autocast_dtype(train.precision, torch.device("cuda"))
 
     def close(self) -> None:
         self._fake.close()
@@ -122,13 +120,14 @@ class SimulatedRank:
         return _categories(before_update, torch_internals.snapshot(tracker), torch_internals.snapshot(tracker, "peak"))
 
 
-def largest_fitting(peak_at, budget: int, start: int, start_peak: int) -> tuple[int, list[tuple[int, int]]]:
+def largest_fitting(peak_at, budget: int, start: int, start_peak: int, slope: float) -> tuple[int, list[tuple[int, int]]]:
     """The largest micro-batch whose simulated peak fits `budget` bytes (0: not even one), by bisection.
 
     `peak_at(m)` simulates a step at micro-batch m. Activations grow linearly with the micro-batch and the rest does
-    not, so a straight line through two simulated sizes guesses the answer, and the bisection bracket starts tight
-    around it: a search takes a few steps, and every answer is a simulated one. Returns it and the probes
-    (micro-batch, peak bytes).
+    not, so the line through the peak at `start` with `slope` (activation bytes per sequence there) guesses the
+    answer; the guess and its neighbour across the predicted edge are simulated first, which leaves a bracket of
+    one when the line holds: a search takes a few steps, and every answer is a simulated one. Returns it and the
+    probes (micro-batch, peak bytes).
     """
     probes = {start: start_peak}
 
@@ -138,28 +137,27 @@ def largest_fitting(peak_at, budget: int, start: int, start_peak: int) -> tuple[
         return probes[m] <= budget
 
     lo, hi = (start, None) if fits(start) else (0, start)  # lo fits (0 trivially), hi does not
-    if hi == 1:
-        return 0, sorted(probes.items())
-    other = 2 * start if hi is None else max(start // 2, 1)
-    if fits(other):
-        lo = max(lo, other)
-    else:
-        hi = other if hi is None else min(hi, other)
-    (m0, p0), (m1, p1) = sorted(probes.items())
-    slope = (p1 - p0) / (m1 - m0)
-    if slope > 0:
-        guess = m0 + int((budget - p0) // slope)
-        for m in (guess, guess + 1):
+    base, base_peak = start, start_peak
+    for _ in range(2):  # the line, then the secant through the first line's probes
+        if slope <= 0 or (hi is not None and hi - lo <= 1):
+            break
+        guess = max(base + int((budget - base_peak) // slope), 1)
+        for m in (guess, guess + 1 if guess <= lo or fits(guess) else guess - 1):
             if lo < m and (hi is None or m < hi):
                 if fits(m):
                     lo = m
                 else:
                     hi = m
-    while hi is None:
-        if fits(2 * lo):
-            lo *= 2
+        far = max(probes, key=lambda m: abs(m - start))
+        if far == start:
+            break
+        slope = (probes[far] - start_peak) / (far - start)
+        base, base_peak = far, probes[far]
+    while hi is None:  # the line was too pessimistic: grow until a size does not fit
+        if fits(2 * max(lo, 1)):
+            lo = 2 * max(lo, 1)
         else:
-            hi = 2 * lo
+            hi = 2 * max(lo, 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
@@ -183,7 +181,8 @@ def simulate_rank(cfg, world_size: int, rank: int, target: str, gpu_mem: int | N
         result = {**first, **{k: max(first[k], steady[k]) for k in ("gathered", "activations", "peak")}}
         largest = probes = None
         if gpu_mem:
-            largest, probes = largest_fitting(lambda m: sim.step(m)["peak"], gpu_mem, micro, result["peak"])
+            largest, probes = largest_fitting(lambda m: sim.step(m)["peak"], gpu_mem, micro, result["peak"],
+                                              slope=result["activations"] / micro)
     finally:
         sim.close()
     return {"backend": "fsdp", "world_size": world_size, "rank": rank, "target": target, "bytes": result,
