@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ember demo
 
 test: $(STAMP)
+	@bash .ci/install-slurm  # Debian's slurm-wlm + munge for the SLURM tests (they skip, saying why, where it cannot)
 	@echo "== ember tests (pytest; slow and distributed tests included)"
 	$(VENV)/bin/python -m pytest tests
 

@@ -4,6 +4,7 @@ validate against the CRDs' OpenAPI schemas; bad input is one line, exit 2, nothi
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def test_slurm_script_is_complete_and_saved(tmp_path):
     assert saved["run_dir"] == str(tmp_path / "run") and Path(saved["data"]["datasets"][0]["path"]).is_absolute()
 
 
+def test_k8s_dry_run_saves_and_prints_the_manifest(tmp_path):
+    proc = dry_run(tmp_path / "run", "--scheduler", "k8s", "--nodes", "2")
+    saved = (tmp_path / "run" / "launch" / "pytorchjob.yaml").read_text()
+    assert saved in proc.stdout and "kind: PyTorchJob" in saved
+
+
 def test_torchrun_prints_the_per_node_command(tmp_path):
     proc = dry_run(tmp_path / "run", "--scheduler", "torchrun", "--nodes", "2", "--rdzv-endpoint", "10.1.2.3:29400")
     command = (tmp_path / "run" / "launch" / "torchrun.sh").read_text().splitlines()[-1]
@@ -64,6 +71,7 @@ def strict(schema):
     return schema
 
 
+@functools.cache
 def crd_validator(file_name: str, version: str):
     jsonschema = pytest.importorskip("jsonschema")
     path = CRDS / file_name
@@ -87,9 +95,14 @@ KINDS = {"pytorchjob": ("kubeflow.org_pytorchjobs.yaml", "v1", "PyTorchJob"),
 def test_k8s_manifest_validates_against_its_crd(tmp_path, api, nodes):
     file_name, version, kind = KINDS[api]
     validator = crd_validator(file_name, version)
-    dry_run(tmp_path / "run", "--scheduler", "k8s", "--k8s-api", api, "--nodes", str(nodes), "--procs-per-node", "2",
-            "--set", "launch.k8s.gpus_per_node=2")
-    manifest = yaml.safe_load((tmp_path / "run" / "launch" / f"{api}.yaml").read_text())
+    from ember.config import load_config
+    from ember.launch.launch_cmd import launch_files
+    from ember.run_config import RunConfig
+
+    # in process (the CLI path of the same function is tested above): the manifest as `--dry-run` saves it
+    cfg = load_config(REPO / TINY, RunConfig, [f"run_dir={tmp_path / 'run'}", "launch.scheduler=k8s", f"launch.k8s.api={api}",
+                                               f"launch.nodes={nodes}", "launch.procs_per_node=2", "launch.k8s.gpus_per_node=2"])
+    manifest = yaml.safe_load(launch_files(cfg).files[f"{api}.yaml"])
     assert manifest["kind"] == kind
     errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
     assert not errors, errors
