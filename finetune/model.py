@@ -11,6 +11,7 @@ the head; `lora` the adapters and the head (peft's `modules_to_save`), the backb
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import zlib
@@ -120,7 +121,13 @@ def task_builder(model_cfg, cfg, kind: str, config: PretrainedConfig, seed: int,
     auto_class = AutoModelForSequenceClassification if kind == "classification" else AutoModelForCausalLM
 
     def build() -> nn.Module:
-        return apply_mode(build_model(config, auto_class), cfg, kind)
+        # No padding_idx in the embedding, as in pretraining (and ZeRO-3's partitioned init cannot zero a row);
+        # the classifier still finds each row's last token through config.pad_token_id.
+        plain = copy.deepcopy(config)
+        plain.pad_token_id = None
+        model = build_model(plain, auto_class)
+        model.config.pad_token_id = config.pad_token_id
+        return apply_mode(model, cfg, kind)
 
     cache: dict = {}
 

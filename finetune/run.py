@@ -28,6 +28,7 @@ from ember.finetune.model import is_head, task_builder, task_hf_config, tied_ali
 from ember.finetune.parent import resolve_parent
 from ember.finetune.tasks import load_task
 from ember.pretrain import distributed
+from ember.pretrain.backends.builder import meta_model
 from ember.pretrain.checkpoint import CheckpointManager
 from ember.pretrain.loop import train
 from ember.pretrain.optim import fused_available, split_decay_groups
@@ -125,7 +126,6 @@ class Selection:
 def export_model(state: dict[str, torch.Tensor], builder, config, kind: str, ft, out: Path, *, tokenizer_dir, token_ids,
                  adapter_base: Path | None) -> Path:
     """Write the fine-tuned model to `out` as an HF directory (LoRA merged; its adapter to `out/../adapter`)."""
-    from ember.pretrain.backends.builder import meta_model
     from ember.pretrain.export import write_hf_model
     from ember.pretrain.model import materialize
 
@@ -194,6 +194,7 @@ def finetune(cfg) -> dict:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
     builder = task_builder(cfg.model, ft, kind, config, cfg.seed, parent.weights_path if parent is not None else None)
+    meta_model(builder)  # the transfer mode on the meta device: a LoRA target that matches nothing fails here
 
     config_yaml = setup_run_dir(cfg, env.rank)
     seed_everything(cfg.seed)

@@ -173,9 +173,14 @@ class DeepSpeedBackend(Backend):
         """fp32 master weights, gathered from the ZeRO partitions (collective on every rank)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        import deepspeed
+
         full_by_id: dict[int, torch.Tensor] = {}
         for _, param in self.module.named_parameters():
-            full = safe_get_full_fp32_param(param)
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is None:  # frozen (fine-tuning): no fp32 master, the parameter itself is the weight
+                with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                    full = param.detach().clone()
             if self.rank == 0:
                 full_by_id[id(param)] = full.detach().to("cpu", torch.float32).clone()
         if self.rank != 0:
