@@ -56,15 +56,27 @@ class SweepConfig(Section):
 
 def ladder_models(entries: list, where: str) -> list[tuple[str, dict]]:
     """(name, model mapping) per ladder entry: a preset name is read from configs/models/."""
+    from ember.config import validate
+    from ember.pretrain.config import ModelConfig
+
     models = []
     for entry in entries:
         if isinstance(entry, str):
-            models.append((Path(entry).stem, load_with_extends(find_preset(entry, "models"), "models", {})))
+            name, model = Path(entry).stem, load_with_extends(find_preset(entry, "models"), "models", {})
         elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
-            models.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}))
+            name, model = entry["name"], {k: v for k, v in entry.items() if k != "name"}
         else:
             raise UserError(f"a ladder entry is a preset name or a mapping with a `name`, got {entry!r}", where)
+        validate(model, ModelConfig, default_where=f"{where}: ladder entry {name}")
+        models.append((name, model))
     return models
+
+
+def full_model(model: dict) -> dict:
+    """Every field of the model section, so a run's model replaces the base config's whole (no field merges in)."""
+    from ember.pretrain.config import ModelConfig
+
+    return ModelConfig(**model).model_dump(mode="json")
 
 
 def num_params(model: dict) -> int:
@@ -91,7 +103,7 @@ def plan_run(name: str, model: dict, budget: float, base, rule: BatchRule, val_t
     if steps < rule.min_steps:
         return None
     lr = rule.lr_ref * (n / rule.params_ref) ** (-1 / 3)
-    sets = {"model": model, "train.max_steps": steps, "train.global_batch_size": batch, "train.global_batch_tokens": None,
+    sets = {"model": full_model(model), "train.max_steps": steps, "train.global_batch_size": batch, "train.global_batch_tokens": None,
             "train.lr": float(f"{lr:.4g}"), "train.warmup_steps": max(1, round(rule.warmup_fraction * steps)),
             "train.eval_every": 0, "train.eval_batches": max(1, math.ceil(val_tokens / (batch * t.seq_len))),
             "train.log_every": max(1, steps // 20), "train.checkpoint_every": max(1, steps // rule.checkpoints_per_run),
