@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from ember.pretrain.faults import AGENT_ENV, EXIT_PREEMPTED, EXIT_USER_ERROR
+from ember.pretrain.faults import AGENT_ENV, EXIT_PREEMPTED, EXIT_USER_ERROR, STOP_SIGNALS
 
 
 class _Stopped:
@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as e:
         if _Stopped.user_error:
             return EXIT_USER_ERROR
-        print(f"stopped by {signal.Signals(e.sigval).name}: the workers were told to checkpoint and exit", file=sys.stderr)
-        return EXIT_PREEMPTED
+        name = signal.Signals(e.sigval).name
+        if e.sigval in STOP_SIGNALS:  # passed on to the workers, which checkpoint the agreed step and exit
+            print(f"stopped by {name}: the workers were told to checkpoint and exit", file=sys.stderr)
+            return EXIT_PREEMPTED
+        print(f"stopped by {name}", file=sys.stderr)
+        return 128 + e.sigval
     return 0
 
 

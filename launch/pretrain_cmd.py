@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain", help="pretrain a model (alone, or under torchrun --nproc_per_node N -m ember pretrain ...)",
         description="Pretrain a model from a run config. Resumes from the newest checkpoint in run_dir. "
-                    "Fault injection for tests: EMBER_POISON_STEP=K (or K1,K2 or K1-K2) makes those steps' loss NaN.",
+                    "Exit codes: 0 done, 1 failure, 2 user error, 3 hang, 143 preempted (checkpoint saved; run again to resume). "
+                    "Fault injection for tests (pretrain/faults.py): EMBER_POISON_STEP=K (or K1,K2 or K1-K2) makes those steps' "
+                    "loss NaN; EMBER_FAULT=KIND@RANK:STEP kills, signals, stalls or fails that rank at that step.",
     )
     p.add_argument("config", help="run config YAML, or a preset name from configs/pretrain/ (e.g. tiny)")
     add_set_option(p)
