@@ -17,7 +17,7 @@ import torch
 from ember.config import to_yaml
 from ember.errors import UserError
 from ember.logs import add_log_file
-from ember.pretrain import distributed, run_lock
+from ember.pretrain import distributed, memory, run_lock
 from ember.pretrain.checkpoint import CheckpointManager, check_resumable_shape, config_hash
 from ember.pretrain.kernels import decide_kernels
 from ember.pretrain.faults import Preempted, TrainingGuard
@@ -190,10 +190,12 @@ def pretrain(cfg) -> dict:
         log.info("training %s to step %d on %d rank(s) (%s): global batch %d x %d tokens, %d micro-batch(es) of %d per rank",
                  cfg.model.arch, t.max_steps, backend.world_size, t.backend, global_batch, t.seq_len, num_micro, t.micro_batch_size)
         train_started = time.time()
-        with TrainingGuard(t.hang_timeout_s, backend.rank) as guard:
+        with TrainingGuard(t.hang_timeout_s, backend.rank) as guard, memory.held_maxima(backend) as held_bytes:
             state = train(backend, t, loader, state, micro_batch_size=t.micro_batch_size, evaluate=run_eval,
                           checkpoints=checkpoints, metrics=metrics, guard=guard)
         train_seconds = time.time() - train_started
+        log.info("memory held by this rank, most at any micro-batch boundary: %s",
+                 ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in held_bytes.items()))
         finished = state.step >= t.max_steps
         hf_dir = export_final(cfg, backend, data) if finished and t.export_hf else None
         succeeded = True
@@ -205,7 +207,7 @@ def pretrain(cfg) -> dict:
     summary = {"step": state.step, "finished": finished, "resumed_from": start_step, "loss": metrics.last_train.get("loss"),
                "val_loss": metrics.last_eval.get("val_loss"), "tokens_seen": state.tokens_seen, "skipped_steps": state.skipped_steps,
                "train_seconds": train_seconds, "wall_seconds": time.time() - started, "hf_dir": str(hf_dir) if hf_dir else None,
-               "run_dir": str(cfg.run_dir), **kernels.to_dict()}
+               "run_dir": str(cfg.run_dir), "memory_bytes": held_bytes, **kernels.to_dict()}
     metrics.log_summary(summary)
     finish_tracking(metrics.tracker, cfg, checkpoint=checkpoints.newest(), hf_dir=hf_dir)
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""

@@ -13,6 +13,7 @@ from ember.pretrain import accounting
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_runs import ALL_BACKENDS, measured, run_config  # noqa: E402
+from pretrain_runs import records, trained_run  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -67,3 +68,12 @@ def test_estimate_is_within_ten_percent_of_the_measurement(spec):
         for k in STATE:
             assert formula[k] == pytest.approx(held(result)[k], rel=0.10), (spec, rank, k)
         assert sum(formula[k] for k in STATE) == pytest.approx(sum(held(result)[k] for k in STATE), rel=0.10)
+
+
+def test_a_run_records_the_memory_it_held(small_dataset, tmp_path_factory):
+    run_dir = trained_run(small_dataset, tmp_path_factory)  # one process, fp32, shared with test_loop
+    held_bytes = records(run_dir, "summary")[-1]["memory_bytes"]
+    assert held_bytes["weights"] > 0 and held_bytes["grads"] == held_bytes["weights"]  # after a backward
+    assert held_bytes["optimizer"] == 2 * held_bytes["weights"]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "memory held by this rank" in log
