@@ -24,6 +24,7 @@ class FinetuneConfig(Section):
     """Fine-tune a pretrained checkpoint (or a fresh model) on a downstream task."""
 
     init_from: Path | None = Field(None, description="ember run / checkpoint or HF model directory to start from (set by --from); None: random init")
+    random_init: bool = Field(False, description="take only the architecture and tokenizer of --from, with freshly initialised weights (the baseline that shows what pretraining bought)")
     task: str = Field(description="built-in task (stdlib-topic, stdlib-docstring, stdlib-prefs) or a jsonl / parquet file")
     kind: Literal["auto", "classification", "sft", "dpo"] = Field("auto", description="task type of a file task (auto: the built-in task's)")
     mode: Literal["full", "frozen", "last_k", "lora"] = Field("full", description="which weights train: all, only the head (linear probe), the last k blocks and the head, or LoRA adapters (and the head)")

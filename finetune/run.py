@@ -193,7 +193,8 @@ def finetune(cfg) -> dict:
     if kind == "classification":
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
-    builder = task_builder(cfg.model, ft, kind, config, cfg.seed, parent.weights_path if parent is not None else None)
+    weights = parent.weights_path if parent is not None and not ft.random_init else None
+    builder = task_builder(cfg.model, ft, kind, config, cfg.seed, weights)
     meta_model(builder)  # the transfer mode on the meta device: a LoRA target that matches nothing fails here
 
     config_yaml = setup_run_dir(cfg, env.rank)
@@ -203,7 +204,7 @@ def finetune(cfg) -> dict:
     try:
         num_trainable = sum(p.numel() for p in backend.module.parameters() if p.requires_grad)
         log.info("fine-tuning %s (%s, mode %s) from %s: %d train / %d eval examples, %s trainable parameters, %d rank(s) (%s)",
-                 ft.task, kind, ft.mode, ft.init_from or "random init", len(train_set), len(eval_set), f"{num_trainable:,}",
+                 ft.task, kind, ft.mode, "random init" if weights is None else ft.init_from, len(train_set), len(eval_set), f"{num_trainable:,}",
                  backend.world_size, t.backend)
         checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml,
                                         config_digest=config_digest(cfg), tokenizer_dir=tokenizer_dir, token_ids=token_ids)
@@ -213,7 +214,7 @@ def finetune(cfg) -> dict:
         start_step = state.step
         metrics = build_metrics(cfg, backend, global_batch * ft.max_length, resume_step=start_step)
         if backend.rank == 0 and start_step == 0:
-            metrics.write({"kind": "finetune", "task": ft.task, "task_kind": kind, "mode": ft.mode,
+            metrics.write({"kind": "finetune", "task": ft.task, "task_kind": kind, "mode": ft.mode, "random_init": weights is None,
                            "parent_run_dir": str(ft.parent_run_dir) if ft.parent_run_dir else None,
                            "parent_step": ft.parent_step, "init_from": str(ft.init_from) if ft.init_from else None,
                            "labels": task.labels, "num_train_examples": len(train_set), "num_eval_examples": len(eval_set),

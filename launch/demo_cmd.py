@@ -39,6 +39,24 @@ def print_sample(hf_dir: Path, prompt: str, max_new_tokens: int) -> None:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
+def run_finetune_stages(ember: list[str], parent: Path, root: Path) -> None:
+    """Fine-tune the pretrained model on stdlib-topic, then the same budget from random initialisation; print both."""
+    import json
+
+    accuracy = {}
+    for init, extra in (("pretrained", []), ("random", ["--set", "finetune.random_init=true"])):
+        run_dir = root / f"topic-{init}"
+        title = "from the pretrained model" if init == "pretrained" else "the same budget from random initialisation"
+        run_stage(f"fine-tune on stdlib-topic (classify a function into its stdlib package), {title}",
+                  [*ember, "finetune", "configs/finetune/stdlib-topic.yaml", "--from", str(parent), "--set", f"run_dir={run_dir}",
+                   "--set", "train.resume=false", *extra])
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        accuracy[init] = [r for r in records if r["kind"] == "eval"][-1]
+    p, r = accuracy["pretrained"], accuracy["random"]
+    print(f"\n== stdlib-topic, held-out accuracy ({p['num_examples']} functions from files pretraining never saw): "
+          f"pretrained {p['accuracy']:.3f}, random init {r['accuracy']:.3f} (majority class {p['majority_accuracy']:.3f})", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     root = Path(args.run_dir)
     data_dir, run_dir = root / "data" / "stdlib", root / "tiny"
@@ -55,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
          "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: {data_dir}}}]", *sum((["--set", s] for s in args.overrides), [])],
     )
     print_sample(run_dir / "hf", args.prompt, args.max_new_tokens)
+    run_finetune_stages(ember, run_dir, root / "finetune")
     print(f"\n== demo done: data in {data_dir}, run in {run_dir}")
     return 0
 

@@ -87,7 +87,7 @@ def apply_model_techniques(model: nn.Module, train: TrainConfig, device: torch.d
         log.info("fp32 linear layers and attention on oneDNN's GEMM (train.cpu_matmul=%s)", train.cpu_matmul)
     fused = train.fused_loss and enable_fused_loss(model, onednn=onednn)
     if train.fused_loss and not fused:
-        log.info("fused loss off: %s post-processes its logits", type(model).__name__)
+        log.info("fused loss off: %s has no plain linear LM head, or post-processes its logits", type(model).__name__)
     if train.compile:
         apply_compile(model)
 
