@@ -1,8 +1,9 @@
 """`ember demo`: the main job on the built-in default, run stage by stage through the real CLI.
 
 Stdlib corpus -> tokenizer + token shards -> tiny Llama pretrained by 2 CPU processes with
-FSDP -> Hugging Face export -> a generated sample. Each stage is the command a user would
-type, printed before it runs.
+FSDP (`ember launch --scheduler local`) -> Hugging Face export -> a generated sample; the sbatch
+script and the Kubeflow manifest of the same job on 2 nodes are printed (`--dry-run`). Each
+stage is the command a user would type, printed before it runs.
 """
 
 from __future__ import annotations
@@ -61,17 +62,25 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.run_dir)
     data_dir, run_dir = root / "data" / "stdlib", root / "tiny"
     ember = [sys.executable, "-m", "ember"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port", str(args.master_port)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     run_stage("prepare the built-in corpus (Python standard library source)",
               [*ember, "data", "prepare", "configs/data/stdlib.yaml", "--set", f"output_dir={data_dir}", "--overwrite"])
     run_stage("inspect it", [*ember, "data", "inspect", str(data_dir), "--samples", "1"])
+    dataset = ["--set", f"data.datasets=[{{path: {data_dir}}}]"]
     run_stage(
-        f"pretrain the tiny preset: {args.nproc} CPU processes, FSDP2",
-        [*torchrun, "-m", "ember", "pretrain", "configs/pretrain/tiny.yaml", "--set", "train.backend=fsdp",
-         "--set", f"run_dir={run_dir}", "--set", f"data.datasets=[{{path: {data_dir}}}]", *sum((["--set", s] for s in args.overrides), [])],
+        f"pretrain the tiny preset: {args.nproc} CPU processes under torchrun, FSDP2",
+        [*ember, "launch", "configs/pretrain/tiny.yaml", "--scheduler", "local", "--procs-per-node", str(args.nproc),
+         "--rdzv-endpoint", f"127.0.0.1:{args.master_port}", "--set", "train.backend=fsdp", "--set", f"run_dir={run_dir}",
+         *dataset, *sum((["--set", s] for s in args.overrides), [])],
     )
+    for scheduler in ("slurm", "k8s"):
+        run_stage(
+            f"the same job on 2 nodes x 8 GPUs: the {'sbatch script' if scheduler == 'slurm' else 'Kubeflow PyTorchJob'} (--dry-run)",
+            [*ember, "launch", "configs/pretrain/tiny.yaml", "--scheduler", scheduler, "--nodes", "2", "--procs-per-node", "8",
+             "--max-restarts", "3", "--dry-run", "--set", f"launch.{scheduler}.gpus_per_node=8", "--set", "train.backend=fsdp",
+             "--set", f"run_dir={root / 'tiny-2-nodes'}", *dataset],
+        )
     print_sample(run_dir / "hf", args.prompt, args.max_new_tokens)
     run_finetune_stages(ember, run_dir, root / "finetune")
     print(f"\n== demo done: data in {data_dir}, run in {run_dir}")
@@ -83,8 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="run the built-in demo: prepare the stdlib corpus, pretrain the tiny model with FSDP, export, sample")
     p.add_argument("--run-dir", default="runs/demo", help="where the demo writes its dataset and its run")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
-    p.add_argument("--master-port", type=int, default=29517, help="torchrun rendezvous port on localhost")
+    p.add_argument("--nproc", type=int, default=2, help="training processes (ember launch --procs-per-node)")
+    p.add_argument("--master-port", type=int, default=29517, help="torchrun rendezvous port on localhost (ember launch --rdzv-endpoint)")
     p.add_argument("--prompt", default="def ", help="text the exported model continues")
     p.add_argument("--max-new-tokens", type=int, default=64, help="length of the generated sample")
     add_set_option(p)
