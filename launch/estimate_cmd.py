@@ -151,8 +151,8 @@ def simulation_report(cfg, num_gpus: int, rank: int, target: str, gpu_mem: int) 
               "formula": {row: formula[key] for row, key in _ROWS}}
     if cfg.train.backend not in SIMULATED_BACKENDS:
         report["simulated"] = None
-        report["not_simulated"] = (f"{backend} is not simulated: DeepSpeed and DDP allocate real buffers of the "
-                                   "model's size that fake tensors cannot stand in for; figures from the formulas")
+        report["not_simulated"] = (f"{backend} is not simulated (the simulation's memory tracker follows FSDP2 "
+                                   "modules only); its figures above come from the formulas")
         return report
     result = simulate(cfg, num_gpus, rank, target, gpu_mem)
     simulated = result["bytes"]

@@ -3,8 +3,8 @@
 `simulate(cfg, world_size, rank, target, gpu_mem)` runs the simulation in a child process (`child.py`), so the
 caller's process group, tensors and torch patches stay untouched; `rank.py` holds what the child does and
 `torch_internals.py` every torch internal it uses. Backends: fsdp is simulated; single, ddp and DeepSpeed ZeRO
-come from `accounting.memory_per_rank`'s formulas (DeepSpeed and DDP allocate real flat buffers of the model's
-size, which fake tensors cannot stand in for).
+come from `accounting.memory_per_rank`'s formulas (the memory tracker follows FSDP2 modules only; DeepSpeed's
+engine and DDP's C++ reducer on fake tensors were not tried).
 """
 
 from __future__ import annotations
