@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -16,11 +17,11 @@ NOT_SHIPPED = {"tests", "bench", "docs", "build", "dist", "runs", "wandb", "__py
 def package_dirs() -> list[str]:
     """Every folder of the repository that the wheel must carry, as a package name: Python code or presets."""
     names = []
-    for d in sorted(p for p in REPO.rglob("*") if p.is_dir()):
-        rel = d.relative_to(REPO).parts
-        if any(part.startswith(".") or part in NOT_SHIPPED or part.endswith(".egg-info") for part in rel):
-            continue
-        if (d / "__init__.py").is_file() or (rel[0] == "configs" and any(f.is_file() for f in d.iterdir())):
+    for root, dirs, files in os.walk(REPO):
+        # Pruned in place: the walk never enters .venv, .git, runs/ and the like.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in NOT_SHIPPED and not d.endswith(".egg-info"))
+        rel = Path(root).relative_to(REPO).parts
+        if rel and ("__init__.py" in files or (rel[0] == "configs" and files)):
             names.append(".".join(("ember", *rel)))
     return names
 
