@@ -58,12 +58,15 @@ def publish_export(staged: Path, out_dir: Path) -> None:
         staged.rename(out_dir)
         return
     previous = export_files(out_dir) or set()
+    # Checked before anything moves: a directory that no ember export wrote is never replaced.
+    blocked = [n for n in names if n not in previous and (out_dir / n).is_dir() and not (out_dir / n).is_symlink()]
+    if blocked:
+        shutil.rmtree(staged)
+        raise UserError(f"the export target holds a directory named {blocked[0]!r}, which the export would replace",
+                        str(out_dir))
     for name in names:
         target = out_dir / name
         if target.is_dir() and not target.is_symlink():
-            if name not in previous:
-                raise UserError(f"the export target holds a directory named {name!r}, which the export would replace",
-                                str(out_dir))
             shutil.rmtree(target)  # a directory of the previous export: os.replace cannot replace it in one go
         os.replace(staged / name, target)
     for name in previous - set(names):

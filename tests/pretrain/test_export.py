@@ -127,3 +127,37 @@ def test_export_never_deletes_what_the_target_held(run, tmp_path):
     assert (target / "notes.txt").read_text() == "mine" and (target / "README.md").read_text() == "model card"
     assert load_file(target / "model.safetensors").keys() == end_of_run.keys()
     assert not (tmp_path / "target.tmp").exists()
+
+
+def test_a_new_export_replaces_only_the_files_of_the_previous_one(tmp_path):
+    from ember.errors import UserError
+    from ember.pretrain.export_dir import MARKER, check_export_target, export_files, publish_export
+
+    def stage(**files: str) -> Path:
+        staged = tmp_path / "out.tmp"
+        staged.mkdir()
+        for name, text in files.items():
+            (staged / name).write_text(text)
+        return staged
+
+    out = tmp_path / "out"
+    publish_export(stage(**{"config.json": "1", "old_vocab.txt": "1"}), out)
+    assert export_files(out) == {"config.json", "old_vocab.txt"} and not (tmp_path / "out.tmp").exists()
+    (out / "notes.txt").write_text("mine")
+    check_export_target(out, overwrite=False)  # an earlier ember export: allowed
+    publish_export(stage(**{"config.json": "2", "vocab.json": "2"}), out)
+    # Its own stale file goes, the new files are in place, the user's file stays.
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "vocab.json", "notes.txt", MARKER])
+    assert (out / "config.json").read_text() == "2" and (out / "notes.txt").read_text() == "mine"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_text("keep")
+    with pytest.raises(UserError, match="holds no earlier ember export"):
+        check_export_target(foreign, overwrite=False)
+    check_export_target(foreign, overwrite=True)
+    (foreign / "config.json").mkdir()  # a directory the export would have to replace: refused, not deleted
+    with pytest.raises(UserError, match="directory named 'config.json'"):
+        publish_export(stage(**{"config.json": "3"}), foreign)
+    assert (foreign / "config.json").is_dir() and (foreign / "data.bin").read_text() == "keep"
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json", "data.bin"] and not (tmp_path / "out.tmp").exists()
