@@ -9,7 +9,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM ?= true
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean scaling-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "== installing ember into $(VENV) (constraints.txt, DS_BUILD_OPS=0)"
@@ -24,6 +24,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	@echo "== ember demo: the main job on the built-in default (stdlib corpus, tiny model)"
 	$(VENV)/bin/ember demo
+
+# An IsoFLOP sweep on the built-in corpus (4 sizes x 3 budgets), its fit, a run at 3x the largest budget
+# predicted and then trained, and the report (runs/scaling-demo/report/index.html). Minutes on 2 CPU cores;
+# run it again to resume: finished runs are skipped. Fails if the measured loss misses the prediction.
+SCALING_DEMO ?= runs/scaling-demo
+scaling-demo: $(STAMP)
+	@echo "== ember scaling demo: plan -> sweep -> fit -> check a held-out run at 3x the largest budget -> report"
+	$(VENV)/bin/ember scaling plan configs/scaling/cpu-demo.yaml --out $(SCALING_DEMO)
+	$(VENV)/bin/ember scaling sweep $(SCALING_DEMO)
+	$(VENV)/bin/ember scaling fit --sweep $(SCALING_DEMO)
+	$(VENV)/bin/ember scaling check $(SCALING_DEMO) --factor 3; status=$$?; \
+	$(VENV)/bin/ember scaling report $(SCALING_DEMO) && exit $$status
 
 test: $(STAMP)
 	@bash .ci/install-slurm  # Debian's slurm-wlm + munge for the SLURM tests (they skip, saying why, where it cannot)

@@ -98,11 +98,15 @@ def describe_fit(fit, rows: list[dict]) -> list[str]:
              f"{len(fit.samples)} bootstrap resamples", "  L(N, D) = E + A / N^alpha + B / D^beta"]
     for k in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"  {k:<6} {getattr(law, k):>12.5g}  SE {se[k]:<10.3g} 95% [{ci[k][0]:.5g}, {ci[k][1]:.5g}]")
-    lines.append(f"  N*(C) ~ C^{law.params_exponent:.3f}, D*(C) ~ C^{1 - law.params_exponent:.3f} (C = 6ND)")
-    top = max(r["flops"] for r in rows)
-    for c in (top, 10 * top):
-        n, d = law.optimal(c)
-        lines.append(f"  at C = {c:.3g}: N* = {n:.4g}, D* = {d:.4g}, {d / n:.1f} tokens per parameter, loss {law.loss(n, d):.4f}")
+    if not law.falls:
+        lines.append(f"  WARNING: alpha {law.alpha:.3g}, beta {law.beta:.3g}: the loss of these runs does not fall with both N and D, "
+                     "so the law gives no compute-optimal size (runs of very few steps, or far from compute-optimal, do this)")
+    else:
+        lines.append(f"  N*(C) ~ C^{law.params_exponent:.3f}, D*(C) ~ C^{1 - law.params_exponent:.3f} (C = 6ND)")
+        top = max(r["flops"] for r in rows)
+        for c in (top, 10 * top):
+            n, d = law.optimal(c)
+            lines.append(f"  at C = {c:.3g}: N* = {n:.4g}, D* = {d:.4g}, {d / n:.1f} tokens per parameter, loss {law.loss(n, d):.4f}")
     params, tokens, loss = ([r[k] for r in rows] for k in ("params", "tokens", "loss"))
     a2 = approach2(params, tokens, loss)
     if a2 is None:

@@ -35,9 +35,17 @@ class Law:
     def loss(self, params, tokens):
         return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
 
+    @property
+    def falls(self) -> bool:
+        """Loss falls with both N and D (alpha, beta > 0): only then is there a compute-optimal (N*, D*)."""
+        return self.alpha > 0 and self.beta > 0
+
     def optimal(self, flops):
         """Compute-optimal (N*, D*) for C = 6 N D: the minimum of the law along that constraint."""
         a, b = self.alpha, self.beta
+        if not self.falls:
+            raise UserError(f"the fitted law has alpha {a:.3g}, beta {b:.3g}: loss does not fall with both N and D, so there is "
+                            "no compute-optimal size (runs of very few steps, or far from compute-optimal, do this)", "the fit")
         g = (a * self.A / (b * self.B)) ** (1 / (a + b))
         c6 = np.asarray(flops, dtype=float) / 6
         return g * c6 ** (b / (a + b)), c6 ** (a / (a + b)) / g

@@ -51,8 +51,9 @@ def plot_loss_vs_compute(rows: list[dict], fit: Fit, check: dict | None, path: P
         ax.plot(grid, fit.law.loss(n, grid / (6 * n)), color=color, lw=1, alpha=0.6)
         pts = [r for r in rows if r["params"] == n]
         ax.scatter([r["flops"] for r in pts], [r["loss"] for r in pts], color=color, label=f"N={n / 1e6:.3g}M", zorder=3)
-    n_opt, d_opt = fit.law.optimal(grid)
-    ax.plot(grid, fit.law.loss(n_opt, d_opt), "k--", lw=1.5, label="compute-optimal frontier")
+    if fit.law.falls:  # otherwise the law has no compute-optimal frontier
+        n_opt, d_opt = fit.law.optimal(grid)
+        ax.plot(grid, fit.law.loss(n_opt, d_opt), "k--", lw=1.5, label="compute-optimal frontier")
     if check:
         lo, hi = check["prediction"]["run_interval"]
         ax.errorbar([check["flops"]], [check["prediction"]["loss"]], yerr=[[check["prediction"]["loss"] - lo], [hi - check["prediction"]["loss"]]],
