@@ -42,6 +42,7 @@ class FinetuneConfig(Section):
     class_weights: list[float] | None = Field(None, description="classification: loss weight of each class, in class-id order")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="file tasks: fraction of examples (by hash) held out for evaluation")
     heldout_fraction: float | None = Field(None, gt=0, lt=1, description="built-in tasks: the pretraining split's val_fraction; eval examples come only from files it held out (default: the parent's manifest, else configs/data/stdlib.yaml)")
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference model (beta)")
     early_stopping_patience: int = Field(0, ge=0, description="stop after this many evaluations without improving the eval metric (0: off)")
     metric: Literal["auto", "accuracy", "loss"] = Field("auto", description="eval metric for early stopping and the best checkpoint (auto: accuracy for classification, loss otherwise)")
     parent_run_dir: Path | None = Field(None, description="run directory of the checkpoint this run started from (recorded by ember finetune)")

@@ -32,6 +32,14 @@ class Encoded:
     ids: list[int]
     labels: list[int] | None = None
     label: int | None = None
+    ref_logp: float | None = None  # preference tuning: the reference model's summed log-probability of the targets
+
+
+@dataclass
+class PreferenceBatch(ModelBatch):
+    """Pairs of rows (chosen, rejected) with the reference model's log-probabilities of each row."""
+
+    ref_logps: torch.Tensor | None = None  # (rows,)
 
 
 def load_tokenizer(tokenizer_dir: Path):
@@ -99,6 +107,9 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> ModelBatch:
     for row, e in enumerate(examples):
         n = len(e.ids) - 1
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.ids[:-1]), torch.tensor(e.labels), 1
+    if examples[0].ref_logp is not None:
+        return PreferenceBatch(input_ids=ids, labels=labels, attention_mask=mask,
+                               ref_logps=torch.tensor([e.ref_logp for e in examples], dtype=torch.float32))
     return ModelBatch(input_ids=ids, labels=labels, attention_mask=mask)
 
 
@@ -150,7 +161,7 @@ class ExampleLoader:
     """
 
     def __init__(self, examples: list[Encoded], *, global_batch_size: int, rank: int, world_size: int, seed: int,
-                 pad_id: int, pack_length: int | None = None):
+                 pad_id: int, pack_length: int | None = None, group: int = 1):
         if not examples:
             raise UserError("no training examples", "finetune.task")
         if global_batch_size % world_size:
@@ -158,6 +169,7 @@ class ExampleLoader:
                             "train.global_batch_size")
         self.examples, self.global_batch_size = examples, global_batch_size
         self.rank, self.world_size, self.seed, self.pad_id, self.pack_length = rank, world_size, seed, pad_id, pack_length
+        self.group = group  # examples that stay together and in order (a preference pair: 2)
         self.samples_consumed = 0
 
     def state_dict(self) -> dict:
@@ -167,20 +179,21 @@ class ExampleLoader:
         self.samples_consumed = int(state["samples_consumed"])
 
     def _stream(self, start: int) -> Iterator[Encoded]:
-        """Examples from global index `start` on: epoch e is the permutation seeded by (seed, e)."""
-        n = len(self.examples)
-        epoch, offset = divmod(start, n)
+        """Examples from global index `start` on: epoch e is the permutation (of groups) seeded by (seed, e)."""
+        g = self.group
+        n = len(self.examples) // g
+        epoch, offset = divmod(start // g, n)
         for e in itertools.count(epoch):
             order = list(range(n))
             random.Random(self.seed * 1_000_003 + e).shuffle(order)
             for i in order[offset:]:
-                yield self.examples[i]
+                yield from self.examples[i * g:(i + 1) * g]
             offset = 0
 
     def _rows(self, batch: ModelBatch) -> ModelBatch:
         per_rank = batch.input_ids.shape[0] // self.world_size
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return ModelBatch(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})
+        return type(batch)(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})
 
     def __iter__(self) -> Iterator[ModelBatch]:
         while True:
@@ -203,8 +216,9 @@ def eval_batches(examples: list[Encoded], *, global_batch_size: int, rank: int, 
         if filler.label is not None:
             chunk += [Encoded(ids=filler.ids, label=IGNORE_INDEX)] * (global_batch_size - len(chunk))
         else:
-            chunk += [Encoded(ids=filler.ids, labels=[IGNORE_INDEX] * len(filler.labels))] * (global_batch_size - len(chunk))
+            chunk += [Encoded(ids=filler.ids, labels=[IGNORE_INDEX] * len(filler.labels), ref_logp=None if filler.ref_logp is None else 0.0)] * \
+                (global_batch_size - len(chunk))
         batch = collate_padded(chunk, pad_id)
         per_rank = global_batch_size // world_size
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        yield ModelBatch(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})
+        yield type(batch)(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})

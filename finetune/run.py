@@ -23,6 +23,7 @@ from ember.finetune.classify import (
     format_confusion,
     save_confusion_png,
 )
+from ember.finetune.dpo import DPOLoss, encode_pairs, evaluate_preferences, reference_logps
 from ember.finetune.data import ExampleLoader, audit_labels, encode_classification, encode_sft, eval_batches, load_tokenizer
 from ember.finetune.model import is_head, task_builder, task_hf_config, tied_aliases_of
 from ember.finetune.parent import resolve_parent
@@ -176,8 +177,16 @@ def finetune(cfg) -> dict:
     task = load_task(ft, val_fraction, cfg.seed)
     kind = task.kind
     if kind == "dpo":
-        raise UserError("DPO fine-tuning (stdlib-prefs) is not built yet", "finetune.task")
-    if kind == "classification":
+        if t.micro_batch_size % 2 or global_batch % (2 * env.world_size):
+            raise UserError("dpo trains pairs of rows: train.micro_batch_size and the global batch per rank must be even",
+                            "train.micro_batch_size, train.global_batch_size")
+        train_set = audit_labels(encode_pairs(task.train, tokenizer, eos_id, ft.max_length), f"{ft.task}: training pairs")
+        eval_set = audit_labels(encode_pairs(task.eval, tokenizer, eos_id, ft.max_length), f"{ft.task}: evaluation pairs")
+        if len(train_set) % 2 or len(eval_set) % 2:
+            raise UserError("a preference pair lost a side to the label audit (prompt longer than finetune.max_length)",
+                            "finetune.max_length")
+        loss = DPOLoss(ft.dpo_beta)
+    elif kind == "classification":
         train_set = encode_classification(task.train, task.labels, tokenizer, eos_id, ft.max_length)
         eval_set = encode_classification(task.eval, task.labels, tokenizer, eos_id, ft.max_length)
         if ft.class_weights is not None and len(ft.class_weights) != len(task.labels):
@@ -188,7 +197,7 @@ def finetune(cfg) -> dict:
         train_set = audit_labels(encode_sft(task.train, tokenizer, eos_id, ft.max_length), f"{ft.task}: training examples")
         eval_set = audit_labels(encode_sft(task.eval, tokenizer, eos_id, ft.max_length), f"{ft.task}: evaluation examples")
         loss = CausalLMLoss(t.z_loss)
-    metric = ft.metric if ft.metric != "auto" else ("accuracy" if kind == "classification" else "loss")
+    metric = ft.metric if ft.metric != "auto" else ("accuracy" if kind in ("classification", "dpo") else "loss")
     config = task_hf_config(cfg.model, kind, len(task.labels), token_ids)
     if kind == "classification":
         config.id2label = dict(enumerate(task.labels))
@@ -208,8 +217,14 @@ def finetune(cfg) -> dict:
                  backend.world_size, t.backend)
         checkpoints = CheckpointManager(cfg.run_dir, backend, keep_last=t.keep_last, config_yaml=config_yaml,
                                         config_digest=config_digest(cfg), tokenizer_dir=tokenizer_dir, token_ids=token_ids)
+        if kind == "dpo":
+            # The frozen reference is the starting model: score every pair now, before any update or resume.
+            for examples in (train_set, eval_set):
+                for e, logp in zip(examples, reference_logps(backend, examples, global_batch, pad_id)):
+                    e.ref_logp = logp
         loader = ExampleLoader(train_set, global_batch_size=global_batch, rank=backend.rank, world_size=backend.world_size,
-                               seed=cfg.seed, pad_id=pad_id, pack_length=ft.max_length if ft.packing else None)
+                               seed=cfg.seed, pad_id=pad_id, pack_length=ft.max_length if ft.packing and kind == "sft" else None,
+                               group=2 if kind == "dpo" else 1)
         state = resume(checkpoints, loader, t.resume)
         start_step = state.step
         metrics = build_metrics(cfg, backend, global_batch * ft.max_length, resume_step=start_step)
@@ -225,6 +240,8 @@ def finetune(cfg) -> dict:
                                    world_size=backend.world_size, pad_id=pad_id)
             if kind == "classification":
                 result = evaluate_classifier(backend, batches, loss, len(task.labels))
+            elif kind == "dpo":
+                result = evaluate_preferences(backend, batches, loss)
             else:
                 result = {"val_loss": evaluate(backend, batches, len(eval_set), t.micro_batch_size, loss)}
             record = {"kind": "eval", "step": step, **result, "time": time.time()}
@@ -234,6 +251,8 @@ def finetune(cfg) -> dict:
             log.info("eval step %d | %s", step, shown)
             return result
 
+        if start_step == 0:
+            run_eval(0)  # the starting model, for comparison (not a candidate for the best weights)
         selection = Selection(cfg.run_dir, metric, ft.early_stopping_patience)
         last_step = min(t.max_steps, t.stop_after_steps or t.max_steps)
         eval_every = t.eval_every or t.max_steps
@@ -249,7 +268,8 @@ def finetune(cfg) -> dict:
                           metrics=metrics, loss=loss)
             if state.step % eval_every == 0 or state.step == t.max_steps:
                 result = run_eval(state.step)
-                selection.update(backend, state.step, result["accuracy" if metric == "accuracy" else "val_loss"])
+                key = {"accuracy": "preference_accuracy" if kind == "dpo" else "accuracy", "loss": "val_loss"}[metric]
+                selection.update(backend, state.step, result[key])
                 if selection.should_stop:
                     log.info("early stopping at step %d: %d evaluations without a better %s (best %.4f at step %d)",
                              state.step, selection.evals_without_gain, metric, selection.best_value, selection.best_step)

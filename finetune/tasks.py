@@ -84,12 +84,13 @@ def _functions_of(text: str) -> list[tuple[str, str, str, bool]]:
 
 
 def stdlib_functions(val_fraction: float, packages: set[str] | None = None) -> list[StdlibFunction]:
-    """Functions of the stdlib's packages (top-level modules are not packages), file order, with held-out flags."""
+    """Functions of the stdlib's files (of `packages` only, when given: top-level modules are not packages), in file
+    order, with held-out flags."""
     root = Path(sysconfig.get_paths()["stdlib"])
     found = []
     for path in stdlib_files():
         parts = path.relative_to(root).parts
-        if len(parts) < 2 or parts[0] in EXCLUDED_PACKAGES or (packages is not None and parts[0] not in packages):
+        if parts[0] in EXCLUDED_PACKAGES or (packages is not None and (len(parts) < 2 or parts[0] not in packages)):
             continue
         data = path.read_bytes()
         try:

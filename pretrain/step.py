@@ -46,11 +46,11 @@ class ModelBatch:
         """Micro-batches of `rows` rows each (the last may be shorter)."""
         parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         chunks = {name: t.split(rows) if t is not None else None for name, t in parts.items()}
-        return [ModelBatch(**{name: c[i] if c is not None else None for name, c in chunks.items()})
+        return [type(self)(**{name: c[i] if c is not None else None for name, c in chunks.items()})
                 for i in range(len(chunks["input_ids"]))]
 
     def to(self, device: torch.device) -> ModelBatch:
-        return ModelBatch(**{f.name: t.to(device, non_blocking=True) if (t := getattr(self, f.name)) is not None else None
+        return type(self)(**{f.name: t.to(device, non_blocking=True) if (t := getattr(self, f.name)) is not None else None
                              for f in dataclasses.fields(self)})
 
     def model_inputs(self) -> dict[str, torch.Tensor]:

@@ -102,7 +102,7 @@ def test_full_run_records_eval_metrics_and_the_parent_and_exports_a_classifier(p
     saved = yaml.safe_load((run / "config.yaml").read_text())["finetune"]
     assert saved["parent_run_dir"] == str(parent) and saved["parent_step"] == 6
     evals = records(run, "eval")
-    assert [r["step"] for r in evals] == [2, 4]
+    assert [r["step"] for r in evals] == [0, 2, 4]  # the starting model, then every 2 steps
     for r in evals:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1
         assert r["num_examples"] == sum(map(sum, r["confusion"])) == start["num_eval_examples"] > 0
@@ -231,3 +231,18 @@ def test_a_checkpoint_whose_vocabulary_differs_from_the_tokenizer(parent, builti
     proc = run_ember("finetune", str(config), "--from", str(hf), "--set", f"run_dir={tmp_path / 'out'}")
     assert "vocabulary" in one_error_line(proc)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_dpo_widens_the_reward_margin_against_the_frozen_starting_model(parent, tmp_path_factory, tmp_path):
+    config = tmp_path / "prefs.yaml"
+    config.write_text(yaml.safe_dump({"finetune": {"task": "stdlib-prefs"}}))
+    run = tmp_path_factory.mktemp("dpo") / "run"
+    finetune(config, parent, run, "train.max_steps=8", "train.eval_every=4", "train.lr=2e-3", "finetune.max_length=48")
+    evals = records(run, "eval")
+    start, end = evals[0], evals[-1]
+    # At step 0 the policy is the reference: every implied reward is 0, the loss log 2.
+    assert start["step"] == 0 and start["reward_margin"] == 0.0 and start["val_loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert start["num_pairs"] > 0
+    assert end["reward_margin"] > start["reward_margin"]
+    assert end["preference_accuracy"] > start["preference_accuracy"]
