@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a checkpoint on a downstream task (alone, or under torchrun -m ember finetune ...)",
         description="Fine-tune an ember run / checkpoint or a Hugging Face model directory on a task (classification, "
-                    "SFT) with the pretraining backends. Resumes from the newest checkpoint in run_dir; exports the best "
+                    "SFT, DPO) with the pretraining backends. Resumes from the newest checkpoint in run_dir; exports the best "
                     "weights to run_dir/hf.",
     )
     p.add_argument("config", help="fine-tuning config YAML, or a preset name from configs/finetune/ (e.g. stdlib-topic)")
