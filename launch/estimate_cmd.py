@@ -124,7 +124,8 @@ _DIFFERENCE = {
     "weights": "simulation counts FSDP2's padded shards; formula divides exactly",
     "grads": "simulation counts FSDP2's padded shards; formula divides exactly",
     "optimizer": "simulation adds AdamW's step counters",
-    "gathered": "formula: two blocks gathered + one block's unsharded grads; simulation: what was alive at the peak",
+    "gathered": "formula: root + two blocks gathered + one block's unsharded grads; simulation: what was alive "
+                "at the peak (one block when it falls in forward)",
     "activations": "formula: tensors saved for backward; simulation adds backward's temporaries (activation "
                    "gradients) alive at the peak",
     "peak": "sum of the rows above at their own maxima (formula) vs the largest total alive at once (simulation)",

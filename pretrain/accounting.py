@@ -205,11 +205,11 @@ def largest_param_numel(model_cfg: ModelConfig) -> int:
     return max(s.vocab * s.hidden, s.hidden * s.ffn, s.hidden * s.num_heads * s.head_dim)
 
 
-def _largest_unit_params(model_cfg: ModelConfig) -> int:
-    """Parameters of the largest FSDP / ZeRO-3 gather unit: one decoder block, or the root (embeddings, head, norm)."""
+def _gather_units(model_cfg: ModelConfig) -> tuple[int, int]:
+    """Parameters of (one decoder block, the root: embeddings, head and final norm), the FSDP / ZeRO-3 gather units."""
     counts = count_params(model_cfg)
     block = (counts["non_embedding"] - model_cfg.hidden_size) // model_cfg.num_layers
-    return max(block, counts["embedding"] + model_cfg.hidden_size)
+    return block, counts["embedding"] + model_cfg.hidden_size
 
 
 def _activation_elements_per_token(model_cfg: ModelConfig) -> tuple[int, int]:
@@ -258,9 +258,14 @@ def memory_per_rank(cfg, world_size: int, *, on_gpu: bool = True, backend: str |
     if backend == "zero2" and world_size > 1:
         grads += largest_param_numel(model_cfg) * per_param[1]  # parameters straddling the partition's edge
     compute_elem = 2 if precision == "bf16" else 4
-    if backend in ("fsdp", "zero3") and world_size > 1:
-        # Two units gathered at once (the current one and the prefetched next), plus one unit's unsharded grads.
-        unit = _largest_unit_params(model_cfg)
+    if backend == "fsdp" and world_size > 1:
+        # The root stays gathered for the whole step (backends/fsdp.py: reshard_after_forward=False); two blocks are
+        # gathered at once (the current one and the prefetched next), plus one block's unsharded grads.
+        block, root = _gather_units(model_cfg)
+        gathered = (root + 2 * block) * compute_elem + block * per_param[1]
+    elif backend == "zero3" and world_size > 1:
+        # ZeRO-3 gathers each module as it runs: two of the largest units at once, plus one unit's unsharded grads.
+        unit = max(_gather_units(model_cfg))
         gathered = 2 * unit * compute_elem + unit * per_param[1]
     elif precision == "bf16" and backend in ("single", "ddp"):
         gathered = num_params * 2  # autocast's bf16 copies of the weights, saved for backward
