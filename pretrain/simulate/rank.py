@@ -10,6 +10,7 @@ last syncs, and any micro-batch in between repeats the first's memory pattern.
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import time
 from typing import Iterator
@@ -18,6 +19,8 @@ import torch
 
 from ember.errors import UserError
 from ember.pretrain.simulate import torch_internals
+
+log = logging.getLogger("ember.pretrain.simulate")
 
 TARGETS = ("gpu", "cpu")
 SIMULATED_BACKENDS = ("fsdp",)
@@ -172,6 +175,9 @@ def simulate_rank(cfg, world_size: int, rank: int, target: str, gpu_mem: int | N
     if cfg.train.backend not in SIMULATED_BACKENDS:
         raise UserError(f"the simulation runs the fsdp backend only; {cfg.train.backend} comes from the formulas",
                         "train.backend")
+    if not torch.__version__.startswith(torch_internals.CHECKED_TORCH):
+        log.warning("the simulation's torch internals were checked with torch %s; this is %s",
+                    torch_internals.CHECKED_TORCH, torch.__version__)
     started = time.perf_counter()
     sim = SimulatedRank(cfg, world_size, rank, target)
     micro = cfg.train.micro_batch_size
