@@ -12,17 +12,6 @@ from ember.errors import UserError
 from ember.logs import setup_logging
 from ember.pretrain.faults import EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, end_on_user_error, peer_user_error
 
-NOT_BUILT = {
-}
-
-
-def _not_built(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise UserError(f"`ember {name}` is not built yet", "see the open issues")
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ember.launch import (config_cmd, data_cmd, demo_cmd, estimate_cmd, finetune_cmd, launch_cmd, pretrain_cmd, report_cmd,
                               scaling_cmd)
@@ -33,10 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (config_cmd, data_cmd, pretrain_cmd, finetune_cmd, launch_cmd, estimate_cmd, scaling_cmd, report_cmd, demo_cmd):
         module.register(sub)
-    for name, summary in NOT_BUILT.items():
-        p = sub.add_parser(name, help=f"{summary} (not built yet)", description=f"{summary}. Not built yet: exits 2.")
-        p.add_argument("args", nargs=argparse.REMAINDER, help="ignored until the command is built")
-        p.set_defaults(func=_not_built(name))
     return parser
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-import pytest
 from ember_cli import run_ember
 
 import ember
-from ember.launch.cli import NOT_BUILT, build_parser
+from ember.launch.cli import build_parser
 
 
 def all_parsers(parser: argparse.ArgumentParser, path=("ember",)):
@@ -40,14 +39,6 @@ def test_every_option_of_every_command_has_help():
             if not action.help:
                 undocumented.append(f"{' '.join(path)} {action.dest}")
     assert not undocumented, undocumented
-
-
-@pytest.mark.parametrize("group", sorted(NOT_BUILT))
-def test_groups_not_built_say_so_and_exit_2(group):
-    proc = run_ember(group, "anything")
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: `ember {group}` is not built yet (see the open issues)"
-    assert proc.stdout == ""
 
 
 def test_config_fields_lists_descriptions():
