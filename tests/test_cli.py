@@ -1,4 +1,4 @@
-"""The `ember` command line: version, help on every command, honest stubs, field listing."""
+"""The `ember` command line: version, help on every command, field listing."""
 
 from __future__ import annotations
 
