@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ember.pretrain.cpu_matmul import cpu_model
+
 MODES = {"probe": ["finetune.mode=frozen"], "lora": ["finetune.mode=lora"], "full": ["finetune.mode=full"]}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def ember(*args: str) -> None:

@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
 
+from ember.pretrain.cpu_matmul import cpu_model
 from ember.pretrain.scaling.law import fit_law, huber_objective, initial_grid, theta_to_law
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/chinchilla/chinchilla_fig4_240_params_tokens_loss.csv"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -78,16 +78,6 @@ def flatten(record: dict, prefix: str, skip: tuple = ("kind", "step", "time")) -
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> str | None:
     """The commit of the ember source tree that runs (None outside a git checkout)."""
     try:
@@ -103,6 +93,8 @@ def system_facts(world_size: int, device) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
+
+    from ember.pretrain.cpu_matmul import cpu_model
 
     packages = {}
     for name in ("ember", "torch", "transformers", "deepspeed", "wandb", "numpy"):
