@@ -98,6 +98,10 @@ def describe_fit(fit, rows: list[dict]) -> list[str]:
              f"{len(fit.samples)} bootstrap resamples", "  L(N, D) = E + A / N^alpha + B / D^beta"]
     for k in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"  {k:<6} {getattr(law, k):>12.5g}  SE {se[k]:<10.3g} 95% [{ci[k][0]:.5g}, {ci[k][1]:.5g}]")
+    diverged = len(fit.samples) - len(fit.finite_samples)
+    if diverged:
+        lines.append(f"  WARNING: {diverged} of {len(fit.samples)} bootstrap refits ran off to an infinite A or B: these runs do not "
+                     "pin the law down, and the intervals (from the other refits) understate its uncertainty")
     if not law.falls:
         lines.append(f"  WARNING: alpha {law.alpha:.3g}, beta {law.beta:.3g}: the loss of these runs does not fall with both N and D, "
                      "so the law gives no compute-optimal size (runs of very few steps, or far from compute-optimal, do this)")

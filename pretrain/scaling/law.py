@@ -119,21 +119,30 @@ class Fit:
     samples: np.ndarray  # (num_bootstrap, 5) laws of the resamples: E, A, B, alpha, beta
     residuals: np.ndarray  # (n,) observed - predicted log loss of the runs
 
+    @property
+    def finite_samples(self) -> np.ndarray:
+        """The resamples whose refit stayed finite. Runs that do not pin the law down let some refits run off to an
+        infinite A or B; they carry no interval, and `summary` says how many there were."""
+        return self.samples[np.isfinite(self.samples).all(axis=1)]
+
     def standard_errors(self) -> dict[str, float]:
-        return {k: float(v) for k, v in zip(PARAMS, self.samples.std(axis=0, ddof=1))}
+        with np.errstate(over="ignore"):
+            return {k: float(v) for k, v in zip(PARAMS, self.finite_samples.std(axis=0, ddof=1))}
 
     def intervals(self, level: float = 0.95) -> dict[str, list[float]]:
-        lo, hi = np.percentile(self.samples, [50 * (1 - level), 50 * (1 + level)], axis=0)
+        lo, hi = np.percentile(self.finite_samples, [50 * (1 - level), 50 * (1 + level)], axis=0)
         return {k: [float(a), float(b)] for k, a, b in zip(PARAMS, lo, hi)}
 
     def summary(self) -> dict:
         """The fitted law, standard errors, 95% intervals and the exponents of N*(C), D*(C)."""
-        exps = self.samples[:, 4] / (self.samples[:, 3] + self.samples[:, 4])
+        finite = self.finite_samples
+        exps = finite[:, 4] / (finite[:, 3] + finite[:, 4])
         return {**self.law.as_dict(), "se": self.standard_errors(), "interval": self.intervals(),
                 "params_exponent": self.law.params_exponent, "tokens_exponent": 1 - self.law.params_exponent,
                 "params_exponent_interval": [float(v) for v in np.percentile(exps, [2.5, 97.5])],
                 "objective": self.objective, "huber_delta": HUBER_DELTA, "num_inits": self.num_inits,
-                "num_bootstrap": len(self.samples), "num_runs": len(self.residuals)}
+                "num_bootstrap": len(self.samples), "num_bootstrap_diverged": len(self.samples) - len(finite),
+                "num_runs": len(self.residuals)}
 
     def to_json(self) -> dict:
         """All of it, the bootstrap laws and residuals included: what `predict --fit` reads back."""
@@ -153,8 +162,9 @@ class Fit:
         """Point prediction with the law's interval (bootstrap laws) and the interval of one new run (bootstrap
         laws times a residual drawn from the fit's own: run-to-run scatter the law does not explain)."""
         point = float(self.law.loss(params, tokens))
-        s = self.samples
-        means = s[:, 0] + s[:, 1] / params ** s[:, 3] + s[:, 2] / tokens ** s[:, 4]
+        s = self.finite_samples
+        with np.errstate(over="ignore"):  # a huge N^alpha makes its term 0, as it should
+            means = s[:, 0] + s[:, 1] / params ** s[:, 3] + s[:, 2] / tokens ** s[:, 4]
         rng = np.random.default_rng(seed)
         runs = means * np.exp(rng.choice(self.residuals, size=len(means)))
         q = [50 * (1 - level), 50 * (1 + level)]
@@ -194,4 +204,5 @@ def bootstrap(log_n, log_d, log_loss, best: np.ndarray, num: int, seed: int) -> 
     weights = np.stack([np.bincount(rng.integers(0, count, count), minlength=count) for _ in range(num)]).astype(float)
     x, _, _ = minimize_batch(lambda th, rows: huber_objective(th, log_n, log_d, log_loss, weights[rows]),
                              np.repeat(best[None], num, axis=0))
-    return np.stack([np.exp(x[:, 2]), np.exp(x[:, 0]), np.exp(x[:, 1]), x[:, 3], x[:, 4]], axis=1)
+    with np.errstate(over="ignore"):  # a diverged refit's A or B becomes inf: see Fit.finite_samples
+        return np.stack([np.exp(x[:, 2]), np.exp(x[:, 0]), np.exp(x[:, 1]), x[:, 3], x[:, 4]], axis=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ember_cli import REPO, run_ember
 
-from ember.pretrain.scaling.law import Law, fit_law, huber_objective
+from ember.pretrain.scaling.law import Fit, Law, fit_law, huber_objective
 
 CHINCHILLA = REPO.parent / "shared" / "data" / "chinchilla" / "chinchilla_fig4_240_params_tokens_loss.csv"
 # Besiroglu et al. 2024 (Epoch AI), Hoffmann's procedure done right on these 240 points.
@@ -121,3 +121,19 @@ def test_fit_file_predicts_with_intervals(tmp_path):
     assert abs(p["loss"] / expected - 1) < 0.01, (p, expected)
     assert p["run_interval"][0] <= p["interval"][0] <= p["loss"] <= p["interval"][1] <= p["run_interval"][1]
     assert p["interval"][0] <= expected <= p["interval"][1], p
+
+
+def test_diverged_bootstrap_refits_leave_finite_intervals():
+    # Runs that do not pin the law down let some refits run off to an infinite A or B; those carry no interval.
+    law = Law(E=2.0, A=400.0, B=2000.0, alpha=0.34, beta=0.37)
+    finite = np.array([[2.0 + 0.01 * i, 400.0, 2000.0, 0.34, 0.37] for i in range(20)])
+    diverged = np.array([[1.5, np.inf, 2000.0, 0.34, 0.37], [1.5, 400.0, np.inf, 9.0, 0.37]])
+    fit = Fit(law=law, objective=0.0, num_inits=1, samples=np.concatenate([finite, diverged]), residuals=np.zeros(5))
+    prediction = fit.predict(1e6, 2e7)
+    assert all(np.isfinite(prediction["interval"])) and all(np.isfinite(prediction["run_interval"]))
+    lo, hi = prediction["interval"]
+    base = law.loss(1e6, 2e7) - 2.0  # the finite resamples differ from the law in E alone: E + base
+    assert 2.0 + base <= lo < hi <= 2.19 + base
+    summary = fit.summary()
+    assert summary["num_bootstrap_diverged"] == 2 and np.isfinite(summary["se"]["E"])
+    assert all(np.isfinite(v).all() for v in summary["interval"].values())
