@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from ember.config import Section, find_preset, load_config, load_with_extends
+from ember.config import Section, find_preset, load_config, load_with_extends, parse_override
 from ember.errors import UserError
 
 SWEEP_FILE = "sweep.json"
@@ -134,7 +134,9 @@ def run_config_yaml(sweep: dict, run: dict, sweep_dir: Path) -> str:
     """The run config of one sweep run: the base, the sweep's sets, the run's own settings, its run dir and W&B group."""
     data = {"extends": sweep["base"], "run_dir": str((sweep_dir / "runs" / run["name"]).resolve())}
     data["tracking"] = {"group": sweep["name"], "job_type": "scaling-sweep", "name": f"{sweep['name']}-{run['name']}"}
-    for key, value in run["sets"].items():
+    # The sweep's own --set overrides first (they are read as on the command line), then the run's settings.
+    overrides = dict(parse_override(text) for text in sweep.get("sets", []))
+    for key, value in {**overrides, **run["sets"]}.items():
         node = data
         *parents, last = key.split(".")
         for part in parents:

@@ -114,3 +114,12 @@ def test_sweep_and_report_of_a_missing_sweep(tmp_path):
     for args in (["sweep", str(tmp_path / "none")], ["report", str(tmp_path / "none")], ["check", str(tmp_path / "none")]):
         proc = run_ember("scaling", *args)
         assert proc.returncode == 2 and proc.stderr.startswith("error: no sweep here"), (args, proc.stderr)
+
+
+def test_run_configs_carry_the_sweep_sets_under_the_run_settings(tmp_path):
+    from ember.pretrain.scaling.plan import run_config_yaml
+
+    sweep = {"name": "s", "base": "base.yaml", "sets": ["train.eval_batches=8", "train.lr=1.0"]}
+    run = {"name": "r", "sets": {"train.lr": 0.01, "train.max_steps": 40}}
+    data = yaml.safe_load(run_config_yaml(sweep, run, tmp_path))
+    assert data["train"] == {"eval_batches": 8, "lr": 0.01, "max_steps": 40}  # the run's own lr wins
