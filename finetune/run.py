@@ -34,6 +34,7 @@ from ember.pretrain.checkpoint import CheckpointManager
 from ember.pretrain.loop import train
 from ember.pretrain.optim import fused_available, split_decay_groups
 from ember.pretrain.run import build_metrics, resume, seed_everything, setup_run_dir, write_atomically
+from ember.pretrain.tracking import finish_tracking
 from ember.pretrain.step import CausalLMLoss, evaluate
 
 log = logging.getLogger("ember.finetune.run")
@@ -300,6 +301,7 @@ def finetune(cfg) -> dict:
                "parent_run_dir": str(ft.parent_run_dir) if ft.parent_run_dir else None, "parent_step": ft.parent_step,
                "hf_dir": str(hf_dir) if hf_dir else None, "run_dir": str(cfg.run_dir), "wall_seconds": time.time() - started}
     metrics.log_summary(summary)
+    finish_tracking(metrics.tracker, cfg, checkpoint=checkpoints.newest(), hf_dir=hf_dir)
     shown = f"{metric} {selection.best_value:.4f} (best, step {selection.best_step})" if selection.best_value is not None else ""
     log.info("%s at step %d/%d: %s; run dir %s", "finished" if finished else "stopped", state.step, t.max_steps, shown, cfg.run_dir)
     return summary
