@@ -19,6 +19,7 @@ from ember_cli import REPO, free_port, run_ember
 sys.path.insert(0, str(Path(__file__).parent))
 from pretrain_runs import pretrain, records, write_config  # noqa: E402
 
+from ember.pretrain.metrics import read_records  # noqa: E402
 from ember.pretrain.tracking import STATE_FILE  # noqa: E402
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
@@ -93,17 +94,6 @@ def test_offline_run_holds_config_metrics_and_summary(tmp_path, small_dataset):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         width, height = Image.open(png).size
         assert width >= 600 and height >= 250, (name, width, height)
-
-
-def read_records(path: Path) -> list[dict]:
-    """The complete lines of a metrics.jsonl that a live run is writing (the last may be half-written)."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
 
 
 def kill_when_logged(cmd: list[str], run_dir: Path, step: int, *, pick=None, env=None) -> None:
