@@ -110,6 +110,8 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 KillWait=30
+# A requeued job may start again cred_expire s after its requeue (default 120 s): the pre-timeout test waits on it.
+AuthInfo=cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
