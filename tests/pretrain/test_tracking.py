@@ -178,7 +178,7 @@ def test_failing_wandb_init_warns_once_and_training_finishes(tmp_path, small_dat
     config = tracked_config(tmp_path, small_dataset, max_steps=4)
     key = "embertestkey" + "0" * 28  # 40 characters, the shape of a W&B API key
     env = {"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_MODE": "online"}
-    proc = pretrain(config, "tracking.wandb=online", "tracking.init_timeout_s=15", env=env)
+    proc = pretrain(config, "tracking.wandb=online", "tracking.init_timeout_s=5", env=env)
     warnings = [line for line in proc.stderr.splitlines() if "W&B" in line and "WARNING" in line]
     assert len(warnings) == 1 and "training goes on without it" in warnings[0], proc.stderr[-3000:]
     run_dir = tmp_path / "run"
