@@ -58,15 +58,77 @@ def encode_classification(examples: list[dict], labels: list[str], tokenizer, eo
     return [Encoded(ids=ids[: max_length - 1] + [eos_id], label=index[e["label"]]) for e, ids in zip(examples, texts)]
 
 
-def encode_sft(examples: list[dict], tokenizer, eos_id: int, max_length: int) -> list[Encoded]:
-    """prompt + response + eos; only the response's tokens and the eos are targets (truncated at max_length + 1)."""
-    prompts = tokenizer([e["prompt"] for e in examples], add_special_tokens=False).input_ids
-    responses = tokenizer([e["response"] for e in examples], add_special_tokens=False).input_ids
+# A plain template for tokenizers that bring none: each turn is a role tag line, its content and an end marker.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def check_messages(messages, where: str) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        raise UserError("messages must be a list of {role, content} objects with string values", where)
+
+
+def chat_segments(messages: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
+    """A conversation rendered with the tokenizer's chat template (the built-in one when it has none), as text
+    pieces flagged supervised: each assistant turn's content and the template's end of that turn.
+
+    The template renders the conversation one turn longer at a time; the text an assistant turn adds after the
+    generation prompt is what the model learns to write. Turns after the last assistant turn teach nothing and go.
+    """
+    template = getattr(tokenizer, "chat_template", None) or BUILTIN_CHAT_TEMPLATE
+
+    def render(turns: list[dict], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages[: last + 1]):
+        pieces = [(render(messages[:i], True), False)] if message["role"] == "assistant" else []
+        pieces.append((render(messages[: i + 1], False), message["role"] == "assistant"))
+        for text, supervised in pieces:
+            if not text.startswith(done):
+                raise UserError(f"the chat template does not render the conversation turn by turn (turn {i + 1} "
+                                "rewrites the text before it), so its assistant turns cannot be located", where)
+            segments.append((text[len(done):], supervised))
+            done = text
+    return segments
+
+
+def sft_segments(example: dict) -> list[tuple[str, bool]]:
+    return [(example["prompt"], False), (example["response"], True)]
+
+
+def encode_sft(examples: list[dict], tokenizer, eos_id: int, max_length: int, where: str = "finetune.task") -> list[Encoded]:
+    """Prompt + response (or a chat's turns) + eos; only the response's (the assistant turns') tokens and the eos
+    are targets (truncated at max_length + 1). The eos ends a conversation whose text does not end with it."""
+    pieces = []
+    for i, e in enumerate(examples):
+        if "messages" in e:
+            check_messages(e["messages"], f"{where}: example {i + 1}")
+            pieces.append(chat_segments(e["messages"], tokenizer, f"{where}: example {i + 1}"))
+        else:
+            pieces.append(sft_segments(e))
+    texts = [text for segments in pieces for text, _ in segments]
+    token_lists = iter(tokenizer(texts, add_special_tokens=False).input_ids if texts else [])
     out = []
-    for p, r in zip(prompts, responses):
-        ids = (p + r + [eos_id])[: max_length + 1]
-        # Input position t predicts token t + 1: supervised when that token belongs to the response (or is the eos).
-        labels = [tok if t + 1 >= len(p) else IGNORE_INDEX for t, tok in enumerate(ids[1:])]
+    for segments in pieces:
+        ids: list[int] = []
+        supervised: list[bool] = []
+        for _, flag in segments:
+            tokens = next(token_lists)
+            ids += tokens
+            supervised += [flag] * len(tokens)
+        if not ids or ids[-1] != eos_id:
+            ids.append(eos_id)
+            supervised.append(bool(segments) and segments[-1][1])  # the end of a response / assistant turn
+        ids, supervised = ids[: max_length + 1], supervised[: max_length + 1]
+        # Input position t predicts token t + 1: supervised when that token is a response's (or the eos).
+        labels = [tok if flag else IGNORE_INDEX for tok, flag in zip(ids[1:], supervised[1:])]
         out.append(Encoded(ids=ids, labels=labels))
     return out
 
@@ -76,7 +138,7 @@ def audit_labels(encoded: list[Encoded], where: str) -> list[Encoded]:
     kept = [e for e in encoded if e.labels is None or any(t != IGNORE_INDEX for t in e.labels)]
     if not kept:
         raise UserError(f"label audit: none of the {len(encoded)} examples has a supervised token (prompts longer "
-                        "than finetune.max_length, or empty responses?)", where)
+                        "than finetune.max_length, empty responses, or a chat template that masks every turn?)", where)
     if len(kept) < len(encoded):
         log.warning("label audit: %d of %d examples have no supervised token (prompt fills max_length) and are dropped",
                     len(encoded) - len(kept), len(encoded))
@@ -85,6 +147,12 @@ def audit_labels(encoded: list[Encoded], where: str) -> list[Encoded]:
     if total:
         log.info("label audit: %d examples, %.1f%% of their target positions supervised", len(kept), 100 * supervised / total)
     return kept
+
+
+def num_supervised(e: Encoded) -> int:
+    if e.labels is None:
+        return int(e.label != IGNORE_INDEX)
+    return sum(t != IGNORE_INDEX for t in e.labels)
 
 
 # ---------------------------------------------------------------- collation
@@ -195,17 +263,42 @@ class ExampleLoader:
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         return type(batch)(**{k: (v[mine] if v is not None else None) for k, v in vars(batch).items()})
 
-    def __iter__(self) -> Iterator[ModelBatch]:
+    def global_rows(self, start: int) -> Iterator[tuple[list[list[Encoded]], int]]:
+        """From example `start` on: each global batch as its rows (the examples each row holds) and the number of
+        examples it consumed."""
         while True:
-            stream = self._stream(self.samples_consumed)
+            stream = self._stream(start)
             if self.pack_length:
                 rows, used = pack_rows(stream, self.global_batch_size, self.pack_length)
-                batch = collate_packed(rows, self.pad_id, self.pack_length)
             else:
                 used = self.global_batch_size
-                batch = collate_padded(list(itertools.islice(stream, used)), self.pad_id)
+                rows = [[e] for e in itertools.islice(stream, used)]
+            start += used
+            yield rows, used
+
+    def __iter__(self) -> Iterator[ModelBatch]:
+        for rows, used in self.global_rows(self.samples_consumed):
+            if self.pack_length:
+                batch = collate_packed(rows, self.pad_id, self.pack_length)
+            else:
+                batch = collate_padded([row[0] for row in rows], self.pad_id)
             self.samples_consumed += used
             yield self._rows(batch)
+
+
+def audit_batches(loader: ExampleLoader, num_steps: int, micro_batch_size: int, where: str) -> None:
+    """The label audit of the batches themselves, before training: every micro-batch that any rank will step in
+    the first `num_steps` global batches (a resumed run's included) holds a supervised token. Every rank checks
+    every rank's share (the order is the same everywhere), so all stop together."""
+    per_rank = loader.global_batch_size // loader.world_size
+    for step, (rows, _) in enumerate(itertools.islice(loader.global_rows(0), num_steps), 1):
+        counts = [sum(num_supervised(e) for e in row) for row in rows]  # (global rows,)
+        for rank in range(loader.world_size):
+            mine = counts[rank * per_rank:(rank + 1) * per_rank]
+            for micro, at in enumerate(range(0, per_rank, micro_batch_size)):
+                if not any(mine[at:at + micro_batch_size]):
+                    raise UserError(f"label audit: step {step}'s micro-batch {micro + 1} on rank {rank} has no supervised "
+                                    f"token (its {len(mine[at:at + micro_batch_size])} rows are all masked)", where)
 
 
 def eval_batches(examples: list[Encoded], *, global_batch_size: int, rank: int, world_size: int, pad_id: int) -> Iterator[ModelBatch]:

@@ -28,7 +28,7 @@ from ember.pretrain.model import build_model, canonical_name, hf_config
 
 log = logging.getLogger("ember.finetune.model")
 
-HEADS = {"classification": "score", "sft": "lm_head", "dpo": "lm_head"}
+HEADS = {"classification": "score", "sft": "lm_head", "dpo": "lm_head", "pretrain": "lm_head"}
 PEFT_PREFIX = "base_model.model."
 
 

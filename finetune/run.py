@@ -1,6 +1,7 @@
 """`finetune(cfg)`: a fine-tuning run on the pretraining engine, from the parent to the HF export.
 
-parent (--from) -> task examples -> tokens + label audit (before anything is written) -> run dir -> the task's
+parent (--from) -> task examples (or, continued pretraining, a prepared corpus) -> tokens + label audit of the
+examples and of every training batch (before anything is written) -> run dir -> the task's
 `ModelBuilder` on the configured backend -> resume -> the engine's loop, run from evaluation to evaluation
 (eval metrics in metrics.jsonl, the best weights kept, early stopping) -> export of the best weights to
 run_dir/hf (LoRA merged; the adapter also saved alone in peft's format in run_dir/adapter) -> summary.
@@ -24,7 +25,16 @@ from ember.finetune.classify import (
     save_confusion_png,
 )
 from ember.finetune.dpo import DPOLoss, encode_pairs, evaluate_preferences, reference_logps
-from ember.finetune.data import ExampleLoader, audit_labels, encode_classification, encode_sft, eval_batches, load_tokenizer
+from ember.finetune.corpus import open_corpus
+from ember.finetune.data import (
+    ExampleLoader,
+    audit_batches,
+    audit_labels,
+    encode_classification,
+    encode_sft,
+    eval_batches,
+    load_tokenizer,
+)
 from ember.finetune.model import is_head, task_builder, task_hf_config, tied_aliases_of
 from ember.finetune.parent import resolve_parent
 from ember.finetune.tasks import load_task
@@ -40,6 +50,8 @@ from ember.pretrain.step import CausalLMLoss, evaluate
 log = logging.getLogger("ember.finetune.run")
 
 BEST_DIR = "best"
+# What a task's targets are, for the label audit's errors.
+SUPERVISED_FIELD = {"classification": "label", "sft": "response", "dpo": "chosen / rejected"}
 
 
 def default_val_fraction() -> float:
@@ -174,15 +186,27 @@ def finetune(cfg) -> dict:
         raise UserError("the tokenizer defines no eos token", str(tokenizer_dir))
     pad_id = token_ids.get("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id)
     token_ids = {"eos_token_id": eos_id, "bos_token_id": token_ids.get("bos_token_id", eos_id), "pad_token_id": pad_id}
-    val_fraction = ft.heldout_fraction or (parent.val_fraction if parent is not None else None) or default_val_fraction()
-    task = load_task(ft, val_fraction, cfg.seed)
-    kind = task.kind
+    corpus, train_set, eval_set = None, [], []
+    if ft.kind == "pretrain":
+        if t.seq_len > cfg.model.max_seq_len:
+            raise UserError(f"train.seq_len {t.seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}", "train.seq_len")
+        corpus = open_corpus(ft.task, tokenizer, cfg.model.vocab_size, t.seq_len)
+        if not corpus.has_val(t.seq_len):
+            raise UserError("the corpus has no validation split longer than train.seq_len (prepared with val_fraction 0?): "
+                            "continued pretraining selects and stops on its loss", str(corpus.dir))
+        kind, labels, where = "pretrain", [], str(corpus.dir)
+        loss = CausalLMLoss(t.z_loss)
+    else:
+        val_fraction = ft.heldout_fraction or (parent.val_fraction if parent is not None else None) or default_val_fraction()
+        task = load_task(ft, val_fraction, cfg.seed)
+        kind, labels = task.kind, task.labels
+        where = f"{ft.task}: field {SUPERVISED_FIELD[kind]}"
     if kind == "dpo":
         if t.micro_batch_size % 2 or global_batch % (2 * env.world_size):
             raise UserError("dpo trains pairs of rows: train.micro_batch_size and the global batch per rank must be even",
                             "train.micro_batch_size, train.global_batch_size")
-        train_set = audit_labels(encode_pairs(task.train, tokenizer, eos_id, ft.max_length), f"{ft.task}: training pairs")
-        eval_set = audit_labels(encode_pairs(task.eval, tokenizer, eos_id, ft.max_length), f"{ft.task}: evaluation pairs")
+        train_set = audit_labels(encode_pairs(task.train, tokenizer, eos_id, ft.max_length), f"{where} (training pairs)")
+        eval_set = audit_labels(encode_pairs(task.eval, tokenizer, eos_id, ft.max_length), f"{where} (evaluation pairs)")
         if len(train_set) % 2 or len(eval_set) % 2:
             raise UserError("a preference pair lost a side to the label audit (prompt longer than finetune.max_length)",
                             "finetune.max_length")
@@ -194,18 +218,28 @@ def finetune(cfg) -> dict:
             raise UserError(f"class_weights has {len(ft.class_weights)} entries for {len(task.labels)} labels",
                             "finetune.class_weights")
         loss = ClassificationLoss(ft.class_weights)
-    else:
-        train_set = audit_labels(encode_sft(task.train, tokenizer, eos_id, ft.max_length), f"{ft.task}: training examples")
-        eval_set = audit_labels(encode_sft(task.eval, tokenizer, eos_id, ft.max_length), f"{ft.task}: evaluation examples")
+    elif kind == "sft":
+        if any("messages" in e for e in task.train[:1]):
+            where = f"{ft.task}: field messages (assistant turns)"
+        train_set = audit_labels(encode_sft(task.train, tokenizer, eos_id, ft.max_length, ft.task), f"{where} (training examples)")
+        eval_set = audit_labels(encode_sft(task.eval, tokenizer, eos_id, ft.max_length, ft.task), f"{where} (evaluation examples)")
         loss = CausalLMLoss(t.z_loss)
     metric = ft.metric if ft.metric != "auto" else ("accuracy" if kind in ("classification", "dpo") else "loss")
-    config = task_hf_config(cfg.model, kind, len(task.labels), token_ids)
+    config = task_hf_config(cfg.model, kind, len(labels), token_ids)
     if kind == "classification":
-        config.id2label = dict(enumerate(task.labels))
-        config.label2id = {name: i for i, name in enumerate(task.labels)}
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     weights = parent.weights_path if parent is not None and not ft.random_init else None
     builder = task_builder(cfg.model, ft, kind, config, cfg.seed, weights)
     meta_model(builder)  # the transfer mode on the meta device: a LoRA target that matches nothing fails here
+    if corpus is not None:
+        loader = corpus.loader("train", seq_len=t.seq_len, global_batch_size=global_batch, rank=env.rank,
+                               world_size=env.world_size, seed=cfg.seed)
+    else:
+        loader = ExampleLoader(train_set, global_batch_size=global_batch, rank=env.rank, world_size=env.world_size,
+                               seed=cfg.seed, pad_id=pad_id, pack_length=ft.max_length if ft.packing and kind == "sft" else None,
+                               group=2 if kind == "dpo" else 1)
+        audit_batches(loader, t.max_steps, t.micro_batch_size, f"{where} (training batches)")
 
     config_yaml = setup_run_dir(cfg, env.rank)
     seed_everything(cfg.seed)
@@ -223,28 +257,32 @@ def finetune(cfg) -> dict:
             for examples in (train_set, eval_set):
                 for e, logp in zip(examples, reference_logps(backend, examples, global_batch, pad_id)):
                     e.ref_logp = logp
-        loader = ExampleLoader(train_set, global_batch_size=global_batch, rank=backend.rank, world_size=backend.world_size,
-                               seed=cfg.seed, pad_id=pad_id, pack_length=ft.max_length if ft.packing and kind == "sft" else None,
-                               group=2 if kind == "dpo" else 1)
         state = resume(checkpoints, loader, t.resume)
         start_step = state.step
-        metrics = build_metrics(cfg, backend, global_batch * ft.max_length, resume_step=start_step)
+        metrics = build_metrics(cfg, backend, global_batch * (t.seq_len if corpus else ft.max_length), resume_step=start_step)
         if backend.rank == 0 and start_step == 0:
             metrics.write({"kind": "finetune", "task": ft.task, "task_kind": kind, "mode": ft.mode, "random_init": weights is None,
                            "parent_run_dir": str(ft.parent_run_dir) if ft.parent_run_dir else None,
                            "parent_step": ft.parent_step, "init_from": str(ft.init_from) if ft.init_from else None,
-                           "labels": task.labels, "num_train_examples": len(train_set), "num_eval_examples": len(eval_set),
+                           "labels": labels, "num_train_examples": len(train_set), "num_eval_examples": len(eval_set),
                            "trainable_parameters": num_trainable, "time": time.time()})
 
         def run_eval(step: int) -> dict:
+            if corpus is not None:  # pretraining's evaluation: the same validation windows every time
+                val = corpus.loader("val", seq_len=t.seq_len, global_batch_size=global_batch, rank=backend.rank,
+                                    world_size=backend.world_size, seed=cfg.seed)
+                return record_eval(step, {"val_loss": evaluate(backend, val, t.eval_batches, t.micro_batch_size, loss)})
             batches = eval_batches(eval_set, global_batch_size=global_batch, rank=backend.rank,
                                    world_size=backend.world_size, pad_id=pad_id)
             if kind == "classification":
-                result = evaluate_classifier(backend, batches, loss, len(task.labels))
+                result = evaluate_classifier(backend, batches, loss, len(labels))
             elif kind == "dpo":
                 result = evaluate_preferences(backend, batches, loss)
             else:
                 result = {"val_loss": evaluate(backend, batches, len(eval_set), t.micro_batch_size, loss)}
+            return record_eval(step, result)
+
+        def record_eval(step: int, result: dict) -> dict:
             record = {"kind": "eval", "step": step, **result, "time": time.time()}
             metrics.write(record)
             metrics.last_eval = record
@@ -291,8 +329,8 @@ def finetune(cfg) -> dict:
         backend.close(all_ranks_done=succeeded)
     best_eval = result
     if kind == "classification" and result and backend.rank == 0:
-        print(format_confusion(result["confusion"], task.labels))
-        save_confusion_png(result["confusion"], task.labels, Path(cfg.run_dir) / "confusion.png",
+        print(format_confusion(result["confusion"], labels))
+        save_confusion_png(result["confusion"], labels, Path(cfg.run_dir) / "confusion.png",
                            f"{ft.task} ({ft.mode}), step {state.step}")
     summary = {"step": state.step, "finished": finished, "stopped_early": stopped_early, "resumed_from": start_step,
                "task": ft.task, "mode": ft.mode, "loss": metrics.last_train.get("loss"), "best_step": selection.best_step,

@@ -12,7 +12,7 @@ import yaml
 from ember_cli import run_ember, run_torchrun
 from safetensors.torch import load_file
 
-from pretrain_runs import pretrain, records, write_config
+from pretrain_runs import records
 
 # Small and quick: 64 training examples of at most 32 tokens, 4 steps, an evaluation every 2.
 TOPIC = ["finetune.max_train_examples=64", "finetune.max_eval_examples=48", "finetune.max_length=32", "train.max_steps=4", "train.warmup_steps=0", "train.eval_every=2",
@@ -26,13 +26,6 @@ def finetune(config: Path, parent: Path, run_dir: Path, *sets: str, nproc: int =
     proc = run_torchrun(nproc, *args) if nproc else run_ember(*args)
     assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def parent(small_dataset, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("parent")
-    pretrain(write_config(root / "pre.yaml", small_dataset, root / "run", max_steps=6, eval_every=0))
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +55,33 @@ _RUNS: dict[tuple, Path] = {}
 
 def mode_run(parent: Path, config: Path, tmp_path_factory, *sets: str) -> Path:
     """One single-process fine-tuning run per distinct `--set` list, shared by the tests."""
-    if sets not in _RUNS:
+    key = (config, *sets)
+    if key not in _RUNS:
         run_dir = tmp_path_factory.mktemp("ft") / "run"
         finetune(config, parent, run_dir, *sets)
-        _RUNS[sets] = run_dir
-    return _RUNS[sets]
-
-
-def two_rank_run(parent: Path, config: Path, tmp_path_factory, backend: str, *sets: str) -> Path:
-    key = ("2 ranks", backend, *sets)
-    if key not in _RUNS:
-        run_dir = tmp_path_factory.mktemp("ft2") / "run"
-        finetune(config, parent, run_dir, f"train.backend={backend}", "train.zero_stage=2", *sets, nproc=2)
         _RUNS[key] = run_dir
     return _RUNS[key]
+
+
+def two_rank_run(parent: Path, config: Path, tmp_path_factory, backend: str, *sets: str, zero_stage: int = 2) -> Path:
+    """One torchrun launch (2 ranks) per distinct backend and `--set` list, shared by the tests."""
+    key = ("2 ranks", config, backend, zero_stage, *sets)
+    if key not in _RUNS:
+        run_dir = tmp_path_factory.mktemp("ft2") / "run"
+        finetune(config, parent, run_dir, f"train.backend={backend}", f"train.zero_stage={zero_stage}", *sets, nproc=2)
+        _RUNS[key] = run_dir
+    return _RUNS[key]
+
+
+def assert_same_losses_per_step(one: Path, two: Path, steps: int = 4) -> None:
+    single, double = records(one, "train"), records(two, "train")
+    assert [r["step"] for r in double] == [r["step"] for r in single] == list(range(1, steps + 1))
+    for a, b in zip(single, double):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (a["step"], a["loss"], b["loss"])
+    evals_one, evals_two = records(one, "eval"), records(two, "eval")
+    assert [r["step"] for r in evals_two] == [r["step"] for r in evals_one]
+    for a, b in zip(evals_one, evals_two):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4), (a["step"], a["val_loss"], b["val_loss"])
 
 
 def parent_weights(parent: Path) -> dict[str, torch.Tensor]:
@@ -149,17 +155,41 @@ def test_lora_trains_only_adapters_and_the_merged_export_equals_base_plus_adapte
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend, mode", [("fsdp", "full"), ("deepspeed", "lora")])
-def test_two_processes_match_one_per_step(parent, config, tmp_path_factory, backend, mode):
+@pytest.mark.parametrize("backend, mode, zero_stage", [("fsdp", "full", 2), ("deepspeed", "lora", 3)])
+def test_two_processes_match_one_per_step(parent, config, tmp_path_factory, backend, mode, zero_stage):
     sets = ["finetune.mode=lora", "finetune.lora.rank=4"] if mode == "lora" else ["finetune.mode=full"]
     one = mode_run(parent, config, tmp_path_factory, *sets)
-    two = two_rank_run(parent, config, tmp_path_factory, backend, *sets)
-    single, double = records(one, "train"), records(two, "train")
-    assert [r["step"] for r in double] == [1, 2, 3, 4]
-    for a, b in zip(single, double):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (a["step"], a["loss"], b["loss"])
-    for a, b in zip(records(one, "eval"), records(two, "eval")):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    two = two_rank_run(parent, config, tmp_path_factory, backend, *sets, zero_stage=zero_stage)
+    assert_same_losses_per_step(one, two)
+
+
+@pytest.fixture(scope="module")
+def sft_config(tmp_path_factory) -> Path:
+    """stdlib-docstring examples (signature and docstring -> body) of three packages' short functions, as a jsonl
+    file task with packing: several examples share each packed row."""
+    from ember.finetune.tasks import stdlib_functions
+
+    functions = [f for f in stdlib_functions(0.05, {"email", "json", "logging"})
+                 if f.has_docstring and f.body.strip() and len(f.header) + len(f.body) < 260]
+    root = tmp_path_factory.mktemp("sft")
+    (root / "docstring.jsonl").write_text("".join(json.dumps({"prompt": f.header, "response": f.body}) + "\n" for f in functions))
+    path = root / "docstring.yaml"
+    path.write_text(yaml.safe_dump({"finetune": {"task": str(root / "docstring.jsonl"), "kind": "sft", "packing": True,
+                                                 "eval_fraction": 0.2}}))
+    return path
+
+
+SFT_PACKED = ("finetune.max_length=128", "finetune.max_eval_examples=16")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_packed_sft_on_two_processes_matches_one_per_step(parent, sft_config, tmp_path_factory, backend):
+    one = mode_run(parent, sft_config, tmp_path_factory, *SFT_PACKED)
+    two = two_rank_run(parent, sft_config, tmp_path_factory, backend, *SFT_PACKED)
+    assert records(one, "finetune")[0]["task_kind"] == "sft"
+    assert_same_losses_per_step(one, two)
 
 
 @pytest.mark.slow
@@ -217,6 +247,10 @@ def test_bad_task_input_is_a_user_error_that_writes_nothing(parent, tmp_path):
     assert "not in the label set" in attempt([{"text": "a", "label": "z"}], "finetune.labels=[x, y]")
     assert "no examples" in attempt([])
     assert "match no linear layer" in attempt(two_classes, "finetune.mode=lora", "finetune.lora.target_modules=[nope]")
+    # Every prompt fills max_length: the label audit stops the run before anything is written, naming the field.
+    masked = attempt([{"prompt": f"def f{i}(x):\n    return x + {i}\n" * 8, "response": "pass"} for i in range(40)],
+                     "finetune.kind=sft", "finetune.max_length=8")
+    assert "label audit: none of the" in masked and f"{tmp_path / 'task.jsonl'}: field response (training examples)" in masked
 
 
 def test_a_checkpoint_whose_vocabulary_differs_from_the_tokenizer(parent, builtin_config, tmp_path):

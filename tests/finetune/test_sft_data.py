@@ -3,12 +3,23 @@ gives every example the loss it has alone, on every attention path ember uses.""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ember.errors import UserError
-from ember.finetune.data import Encoded, audit_labels, collate_packed, collate_padded, encode_sft, pack_rows
+from ember.finetune.data import (
+    Encoded,
+    ExampleLoader,
+    audit_batches,
+    audit_labels,
+    collate_packed,
+    collate_padded,
+    encode_sft,
+    pack_rows,
+)
 from ember.pretrain.fused_loss import IGNORE_INDEX
 
 EOS = 0
@@ -43,6 +54,23 @@ def test_label_audit_fails_closed_when_every_example_is_masked():
         audit_labels(masked, "task")
     kept = audit_labels(masked + encode_sft([{"prompt": "a", "response": "b"}], CharTokenizer(), EOS, 6), "task")
     assert len(kept) == 1
+
+
+@pytest.mark.parametrize("pack_length", [None, 3])  # packed: one 3-token example per row
+def test_batch_audit_names_the_first_micro_batch_with_no_target(pack_length):
+    """Every micro-batch any rank will step must hold a target; here one batch of the run is masked throughout."""
+    supervised = encode_sft([{"prompt": "ab", "response": "c"}], CharTokenizer(), EOS, 16)[0]
+    masked = Encoded(ids=supervised.ids, labels=[IGNORE_INDEX] * len(supervised.labels))
+    # Group 4 keeps each run of 4 examples together: the stream is 4 supervised, 4 masked, then 4 supervised.
+    loader = ExampleLoader([supervised] * 4 + [masked] * 4 + [supervised] * 4, global_batch_size=4, rank=0,
+                           world_size=2, seed=0, pad_id=9, pack_length=pack_length, group=4)
+    order = [e is masked for e in itertools.islice(loader._stream(0), 12)]
+    step = order.index(True) // 4 + 1  # the epoch's order decides which step meets the masked examples
+    audit_batches(loader, step - 1, micro_batch_size=1, where="task")  # the steps before it pass
+    with pytest.raises(UserError, match=f"label audit: step {step}'s micro-batch 1 on rank 0 has no supervised token") as error:
+        audit_batches(loader, 3, micro_batch_size=1, where="task.jsonl: field response")
+    assert error.value.line().endswith("(task.jsonl: field response)")
+    assert loader.samples_consumed == 0  # the audit only looked
 
 
 def test_packing_restarts_positions_and_keeps_labels_apart():
