@@ -26,6 +26,7 @@ from pathlib import Path
 from ember.data.prepare import hash_fraction
 from ember.data.sources import stdlib_files
 from ember.errors import UserError
+from ember.finetune.hf_records import is_dataset_task, read_dataset_records
 
 BUILTIN_TASKS = {"stdlib-topic": "classification", "stdlib-docstring": "sft", "stdlib-prefs": "dpo"}
 EXCLUDED_PACKAGES = {"test"}
@@ -204,11 +205,13 @@ def file_task(cfg, seed: int) -> TaskData:
     path = Path(cfg.task)
     if cfg.kind == "auto":
         raise UserError("a file task needs finetune.kind (classification, sft or dpo)", "finetune.kind")
-    records = read_records(path)
+    records = read_dataset_records(cfg.task, cfg.hub_split) if is_dataset_task(cfg.task) else read_records(path)
     if not records:
         raise UserError("the task file holds no examples", str(path))
     if cfg.kind == "classification":
         fields = {"text": cfg.text_field, "label": cfg.label_field}
+    elif cfg.kind == "sft" and "messages" in records[0]:  # a chat: its turns instead of prompt and response
+        fields = {"messages": "messages"}
     else:
         fields = {name: name for name in REQUIRED_FIELDS[cfg.kind]}
     examples = []
@@ -237,9 +240,9 @@ def load_task(cfg, val_fraction: float, seed: int) -> TaskData:
     """The examples of `cfg.task` (a FinetuneConfig); `val_fraction` is the pretraining split's."""
     kind = BUILTIN_TASKS.get(cfg.task)
     if kind is None:
-        if not cfg.task.endswith((".jsonl", ".parquet")):
-            raise UserError(f"unknown task {cfg.task!r}: a built-in task ({', '.join(BUILTIN_TASKS)}) or a .jsonl / .parquet file",
-                            "finetune.task")
+        if not cfg.task.endswith((".jsonl", ".parquet")) and not is_dataset_task(cfg.task):
+            raise UserError(f"unknown task {cfg.task!r}: a built-in task ({', '.join(BUILTIN_TASKS)}), a .jsonl / .parquet file, "
+                            "a save_to_disk dataset directory or hf:NAME", "finetune.task")
         return file_task(cfg, seed)
     if cfg.kind not in ("auto", kind):
         raise UserError(f"task {cfg.task} is a {kind} task, not {cfg.kind}", "finetune.kind")
