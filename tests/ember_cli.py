@@ -32,3 +32,10 @@ def run_torchrun(nproc: int, *args: str, cwd: Path | None = None, env: dict | No
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ember", *args,
     ]
     return subprocess.run(cmd, cwd=cwd or REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(script: Path, *args: str, nproc: int = 1, timeout: float = 900) -> subprocess.CompletedProcess:
+    """A Python script of the tests: one plain process (nproc 1), or `nproc` under torchrun on a free local port."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run([sys.executable, *launcher, str(script), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)

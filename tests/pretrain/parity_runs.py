@@ -1,15 +1,18 @@
-"""Runs of the real `ember pretrain` CLI shared by the parity and resharding tests, each launched once per session.
+"""Runs of `ember pretrain` shared by the parity and resharding tests, each run once per session.
 
 Every run is the same 6-step job (global batch 8 x 32 tokens, fp32, the fused loss and the CPU kernels as
 configured, a checkpoint every 2 steps) on some backend, world size and micro-batch split. A run may continue a
 copy of another run's directory from one of its checkpoints, possibly on another world size: that is resharding.
-What a run did is read back as a user would: `metrics.jsonl` (every step's loss and pre-clip gradient norm) and
-the Hugging Face export (the final weights).
+Each run goes through the command's own code (load_config, then ember.pretrain.run.pretrain: config checks, run
+directory, kernels, data, backend, loop, checkpoints, export), several to a launch (`pretrain_jobs.py`); what
+it did is read back as a user would: `metrics.jsonl` (every step's loss and pre-clip gradient norm) and the
+Hugging Face export (the final weights).
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pretrain_runs import pretrain, records, write_config
+from ember_cli import run_script
+from pretrain_runs import records, write_config
 
 STEPS = 6
 GLOBAL_BATCH = 8
@@ -36,6 +40,26 @@ BACKENDS = {
 _root = Path(tempfile.mkdtemp(prefix="ember-parity-"))
 atexit.register(shutil.rmtree, _root, ignore_errors=True)
 _runs: dict[str, "Run"] = {}
+JOBS_SCRIPT = Path(__file__).parent / "backend_scripts" / "pretrain_jobs.py"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A run: `backend` on `world_size` ranks, per-rank micro-batches of `micro` sequences; with `after=(earlier,
+    step)` it continues a copy of run `earlier` from its step-`step` checkpoint."""
+
+    backend: str
+    world_size: int
+    micro: int
+    after: tuple["Spec", int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}-w{self.world_size}-m{self.micro}" + (f"-after-{self.after[0].name}-at{self.after[1]}" if self.after else "")
+
+    @property
+    def depth(self) -> int:
+        return self.after[0].depth + 1 if self.after else 0
 
 
 @dataclass
@@ -46,6 +70,7 @@ class Run:
     losses: dict[int, float]
     grad_norms: dict[int, float]
     final_weights: dict[str, torch.Tensor] | None = None
+    spec: Spec | None = None
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -58,6 +83,26 @@ def micro_batch_size(world_size: int, num_micro: int) -> int:
     """Sequences per micro-batch so that each of `world_size` ranks runs `num_micro` micro-batches per step."""
     assert GLOBAL_BATCH % (world_size * num_micro) == 0
     return GLOBAL_BATCH // (world_size * num_micro)
+
+
+PARALLEL_BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+RESHARDED = ["fsdp", "zero1", "zero2", "zero3"]  # the backends whose checkpoints continue on another world size
+MICRO_SPLITS = [1, 4]  # micro-batches per rank per step
+
+
+def _plan() -> list[Spec]:
+    """Every run the parity and resharding tests ask for. Runs of the same world size and resume depth start
+    together in one launch: a tiny run costs mostly interpreter and torchrun start-up."""
+    plan = [Spec("single", 1, micro_batch_size(1, k)) for k in MICRO_SPLITS]
+    plan += [Spec(b, 2, micro_batch_size(2, k)) for b in PARALLEL_BACKENDS for k in MICRO_SPLITS]
+    for b in RESHARDED:
+        two = Spec(b, 2, micro_batch_size(2, 1))
+        one = Spec(b, 1, micro_batch_size(2, 1), after=(two, 2))  # 2 -> 1 rank at step 2 (twice the accumulation)
+        plan += [one, Spec(b, 2, micro_batch_size(2, 1), after=(one, 4)), Spec(b, 4, micro_batch_size(4, 1), after=(two, 2))]
+    return plan
+
+
+PLAN = _plan()
 
 
 def config(dataset: Path) -> Path:
@@ -81,20 +126,40 @@ def copy_at_step(source: Path, dest: Path, step: int) -> None:
 def run(dataset: Path, backend: str, world_size: int, micro: int, *, after: tuple[Run, int] | None = None) -> Run:
     """`backend` on `world_size` ranks with per-rank micro-batches of `micro` sequences; with `after=(earlier, step)`
     it continues a copy of run `earlier` from its step-`step` checkpoint. Cached per session."""
-    name = f"{backend}-w{world_size}-m{micro}" + (f"-after-{after[0].run_dir.name}-at{after[1]}" if after else "")
-    if name not in _runs:
-        run_dir = _root / name
-        if after:
-            copy_at_step(after[0].run_dir, run_dir, after[1])
-        # One rank runs as a plain process, as a user would; more under torchrun.
-        proc = pretrain(config(dataset), f"run_dir={run_dir}", f"train.micro_batch_size={micro}", *BACKENDS[backend],
-                        nproc=world_size if world_size > 1 else 0)
-        if after:
-            assert f"resumed from {run_dir / 'checkpoints' / f'step_{after[1]:08d}'}" in proc.stderr, proc.stderr[-2000:]
+    return _finished(dataset, Spec(backend, world_size, micro, (after[0].spec, after[1]) if after else None))
+
+
+def _finished(dataset: Path, spec: Spec) -> Run:
+    """`spec`'s run; the first request of one in PLAN also runs the rest of its launch."""
+    if spec.name not in _runs:
+        batch = [s for s in PLAN if (s.world_size, s.depth) == (spec.world_size, spec.depth) and s.name not in _runs]
+        _launch(dataset, batch if spec in batch else [spec])
+    return _runs[spec.name]
+
+
+def _launch(dataset: Path, specs: list[Spec]) -> None:
+    """Run `specs` (one world size) one after another in one launch of `pretrain_jobs.py`: `ember pretrain`'s code
+    path, one rank as a plain process as a user would, more under torchrun."""
+    jobs = []
+    for spec in specs:
+        run_dir = _root / spec.name
+        if spec.after:
+            copy_at_step(_finished(dataset, spec.after[0]).run_dir, run_dir, spec.after[1])
+        sets = [f"run_dir={run_dir}", f"train.micro_batch_size={spec.micro}", *BACKENDS[spec.backend]]
+        jobs.append({"config": str(config(dataset)), "sets": sets})
+    jobs_file = _root / f"jobs-{specs[0].name}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    proc = run_script(JOBS_SCRIPT, str(jobs_file), nproc=specs[0].world_size)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for spec in specs:
+        run_dir = _root / spec.name
+        if spec.after:
+            step = spec.after[1]
+            assert f"resumed from {run_dir / 'checkpoints' / f'step_{step:08d}'}" in proc.stderr, proc.stderr[-2000:]
         train = records(run_dir, "train")
-        assert [r["step"] for r in train] == list(range(1, STEPS + 1)), name
-        _runs[name] = Run(run_dir, {r["step"]: r["loss"] for r in train}, {r["step"]: r["grad_norm"] for r in train})
-    return _runs[name]
+        assert [r["step"] for r in train] == list(range(1, STEPS + 1)), spec.name
+        _runs[spec.name] = Run(run_dir, {r["step"]: r["loss"] for r in train}, {r["step"]: r["grad_norm"] for r in train},
+                               spec=spec)
 
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:

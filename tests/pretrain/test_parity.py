@@ -1,6 +1,6 @@
 """Every backend trains exactly like one process.
 
-Through ember's own step and the real CLI (`parity_runs`): every step's loss and pre-clip gradient norm, and the
+Through ember's own step and `ember pretrain`'s code path (`parity_runs`): every step's loss and pre-clip gradient norm, and the
 final weights, within 1e-4 of the single process at the same global batch, which itself matches a plain PyTorch
 loop; with 1 and with 4 micro-batches per rank. Through a backend script on fixed synthetic tokens
 (`backend_scripts/train_steps.py`): the initial weights, the optimizer's decay groups, a non-finite step,
@@ -19,7 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "backend_scripts"))
 sys.path.insert(0, str(Path(__file__).parent))  # pretrain_runs: the shared helper that runs `ember pretrain`
 from backend_runs import ALL_BACKENDS, launch, losses, standard_runs  # noqa: E402
-from parity_runs import STEPS, assert_same_training, micro_batch_size, plain_pytorch_run  # noqa: E402
+from parity_runs import MICRO_SPLITS, PARALLEL_BACKENDS, STEPS, assert_same_training, micro_batch_size  # noqa: E402
+from parity_runs import plain_pytorch_run  # noqa: E402
 from parity_runs import run as parity_run  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -82,10 +83,7 @@ def test_activation_checkpointing_keeps_the_losses():
         assert_close_losses(losses(result["steps"]), losses(single["steps"][:2]), result["backend"])
 
 
-# --- ember's own training step (fused loss, CPU kernels as configured) through the real CLI --------------------
-
-MICRO_SPLITS = [1, 4]  # micro-batches per rank per step
-PARALLEL_BACKENDS = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+# --- ember's own training step (fused loss, CPU kernels as configured), `ember pretrain`'s code path ----------
 
 
 @pytest.fixture(scope="module")

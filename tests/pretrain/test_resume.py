@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_runs import STEPS, assert_same_training, micro_batch_size  # noqa: E402
+from parity_runs import RESHARDED, STEPS, assert_same_training, micro_batch_size  # noqa: E402
 from parity_runs import config as parity_config  # noqa: E402
 from parity_runs import run as parity_run  # noqa: E402
 from pretrain_runs import pretrain, records, train_losses  # noqa: E402
@@ -83,8 +83,6 @@ def test_resume_skips_an_unfinished_checkpoint(small_dataset, stopped_run, tmp_p
 # --- resharding: a checkpoint continues on another world size like the run that kept its own --------------------
 # Shared base runs (`parity_runs`): the 2-rank runs of the parity suite, one micro-batch per rank, checkpoints at
 # steps 2, 4, 6. Each test continues a copy of one from a checkpoint; the global batch stays 8 sequences.
-
-RESHARDED = ["fsdp", "zero1", "zero2", "zero3"]
 
 
 def two_rank_run(dataset: Path, backend: str):
