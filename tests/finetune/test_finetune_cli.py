@@ -203,6 +203,75 @@ def test_two_rank_run_resumes_bit_exact(parent, config, tmp_path_factory):
     assert records(cut, "eval")[-1]["accuracy"] == records(whole, "eval")[-1]["accuracy"]
 
 
+# ---------------------------------------------------------------- early stopping, best weights, class weights, head rate
+
+# An evaluation after every step, patience 1: the run stops at the first evaluation whose accuracy is not above the
+# best before it; every step's checkpoint is kept.
+SELECTION = ("finetune.mode=full", "train.max_steps=8", "train.eval_every=1", "finetune.early_stopping_patience=1",
+             "train.keep_last=10")
+# The same schedule stopped after step 1, with the head at 4x the rate and every class weighted 2.
+HEAD_AND_WEIGHTS = ("finetune.mode=full", "train.max_steps=8", "train.eval_every=8", "train.stop_after_steps=1",
+                    "finetune.head_lr=1.2e-2", "finetune.class_weights=[2, 2, 2, 2, 2, 2, 2, 2, 2, 2]")
+
+
+def checkpoint_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    from ember.pretrain.backends import load_full_weights
+
+    return load_full_weights(run_dir / "checkpoints" / f"step_{step:08d}")
+
+
+@pytest.fixture(scope="module")
+def selection_run(parent, config, tmp_path_factory) -> Path:
+    return mode_run(parent, config, tmp_path_factory, *SELECTION)
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_at_the_first_evaluation_without_gain(selection_run):
+    evals = [r for r in records(selection_run, "eval") if r["step"] > 0]
+    best, first_without_gain = -1.0, None
+    for r in evals:
+        if r["accuracy"] <= best:
+            first_without_gain = r["step"]
+            break
+        best = r["accuracy"]
+    assert first_without_gain is not None and first_without_gain < 8, [r["accuracy"] for r in evals]
+    summary = records(selection_run, "summary")[-1]
+    assert summary["stopped_early"] and summary["step"] == first_without_gain
+    assert [r["step"] for r in records(selection_run, "train")] == list(range(1, first_without_gain + 1))
+    assert evals[-1]["step"] == first_without_gain
+
+
+@pytest.mark.slow
+def test_the_export_holds_the_weights_of_the_best_evaluation(selection_run):
+    evals = [r for r in records(selection_run, "eval") if r["step"] > 0]
+    best = max(evals, key=lambda r: r["accuracy"])  # the first of equals: a later tie is no gain
+    summary = records(selection_run, "summary")[-1]
+    assert summary["best_step"] == best["step"] < summary["step"] and summary["best_accuracy"] == best["accuracy"]
+    exported = export_weights(selection_run)
+    at_best, at_end = checkpoint_weights(selection_run, best["step"]), checkpoint_weights(selection_run, summary["step"])
+    shared = sorted(set(exported) & set(at_best))
+    assert "score.weight" in shared and len(shared) == len(at_best), set(at_best) - set(exported)
+    assert all(torch.equal(exported[n], at_best[n]) for n in shared)
+    assert not all(torch.equal(exported[n], at_end[n]) for n in shared)  # the last step's weights were not exported
+
+
+@pytest.mark.slow
+def test_class_weights_scale_the_loss_and_the_head_trains_at_its_own_rate(parent, config, tmp_path_factory, selection_run):
+    run = mode_run(parent, config, tmp_path_factory, *HEAD_AND_WEIGHTS)
+    plain, weighted = records(selection_run, "train")[0], records(run, "train")[0]
+    assert plain["step"] == weighted["step"] == 1 and plain["lr"] == weighted["lr"]
+    # The loss is sum_i w[y_i] * CE_i / (labelled rows): weights of 2 double it (a weighted mean would not).
+    assert weighted["loss"] == pytest.approx(2 * plain["loss"], rel=1e-6)
+    # Both runs start from the same weights on the same batch; Adam's first update moves each weight by its
+    # group's rate (|m / sqrt(v)| = 1 at step 1), so the head moves (4 - 1) x lr further, the backbone no further.
+    lr = plain["lr"]
+    a, b = checkpoint_weights(selection_run, 1), checkpoint_weights(run, 1)
+    head = ((b["score.weight"] - a["score.weight"]).abs() / (3 * lr)).median()
+    assert float(head) == pytest.approx(1.0, abs=0.03)
+    body = torch.cat([(b[n] - a[n]).abs().flatten() / lr for n in a if n != "score.weight"]).median()
+    assert float(body) < 0.01
+
+
 # ---------------------------------------------------------------- bad input
 
 
