@@ -2,8 +2,7 @@
 
 Run alone (single process) or under `python -m torch.distributed.run --nproc_per_node 2`. Each job in
 `--jobs` is `BACKEND[:ZERO_STAGE][@ARCH]` (llama by default) and runs `--steps` optimizer steps from the same initial weights. Options
-add a save/load round trip, a poisoned (NaN) step, a load from another run's checkpoint, and a
-memory census of this rank's parameter and optimizer shards.
+add a save/load round trip, a poisoned (NaN) step and a load from another run's checkpoint.
 """
 
 from __future__ import annotations
@@ -152,10 +151,6 @@ def job(args, spec: str) -> dict:
             result["saved_digest"] = weights_digest(backend)
             result["steps"] += run_steps(backend, save_at, args.steps, args, result)
     result["final_digest"] = weights_digest(backend)
-    if args.census:
-        from memory_census import rank_bytes
-
-        result["census"] = rank_bytes(backend)
     if args.save_at and args.round_trip:
         # A fresh backend (new init), loaded from the checkpoint, must continue bit for bit.
         del backend
@@ -188,7 +183,6 @@ def main() -> None:
     parser.add_argument("--load-from", default="")
     parser.add_argument("--load-step", type=int, default=0)
     parser.add_argument("--poison-step", type=int, default=-1)
-    parser.add_argument("--census", action="store_true")
     args = parser.parse_args()
 
     torch.use_deterministic_algorithms(True)
