@@ -55,7 +55,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"{r['name']:<24} {r['params']:>10,} {r['tokens']:>12,} {r['tokens'] / r['params']:>9.1f} {r['steps']:>6} "
               f"{s['train.global_batch_size']:>6} {s['train.lr']:>9.3g}")
     if sweep["skipped"]:
-        print(f"left out (fewer than rule.min_steps={cfg.rule.min_steps} steps): {', '.join(sweep['skipped'])}")
+        too_many = f" or more than rule.max_tokens_per_param={cfg.rule.max_tokens_per_param:g} tokens per parameter" if cfg.rule.max_tokens_per_param else ""
+        print(f"left out (fewer than rule.min_steps={cfg.rule.min_steps} steps{too_many}): {', '.join(sweep['skipped'])}")
     print(f"planned {len(sweep['runs'])} runs over {len(cfg.budgets)} budget(s): {path}; train them with `ember scaling sweep {out}`")
     return 0
 
@@ -65,7 +66,9 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     from ember.pretrain.scaling.plan import read_sweep
 
     sweep = read_sweep(Path(args.sweep))
-    results = run_sweep(sweep, via=args.via)
+    if args.jobs < 1:
+        raise UserError(f"--jobs needs at least 1, got {args.jobs}", "--jobs")
+    results = run_sweep(sweep, via=args.via, jobs=args.jobs)
     print(f"sweep {sweep['name']}: {len(results)} run(s) finished; fit them with `ember scaling fit --sweep {args.sweep}`")
     return 0
 
@@ -207,7 +210,9 @@ def heldout_run(sweep: dict, fit, factor: float, size: str | None) -> dict:
     elif size not in ladder:
         raise UserError(f"--size '{size}' is not in the sweep's ladder ({', '.join(ladder)})", "--size")
     base = load_config(Path(sweep["base"]), RunConfig, sweep["sets"])
-    run = plan_run(f"{size}@{budget:.3g}-heldout", ladder[size], budget, base, BatchRule(**sweep["rule"]), sweep["val_tokens"])
+    # The sweep's rule, less its cap on tokens per parameter: that shapes the grid, it does not forbid a target.
+    rule = BatchRule(**{**sweep["rule"], "max_tokens_per_param": None})
+    run = plan_run(f"{size}@{budget:.3g}-heldout", ladder[size], budget, base, rule, sweep["val_tokens"])
     if run is None:
         raise UserError(f"the held-out run of {size} at C = {budget:.3g} would be shorter than rule.min_steps", "--factor")
     return run
@@ -279,6 +284,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = cmds.add_parser("sweep", help="train every run of a sweep; finished runs are skipped, an interrupted one resumes")
     q.add_argument("sweep", help="sweep directory written by `ember scaling plan`")
     q.add_argument("--via", choices=["pretrain", "launch"], default="pretrain", help=via_help)
+    q.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one process each; their losses do not change)")
     q.set_defaults(func=run_sweep_cmd)
 
     def add_target(q: argparse.ArgumentParser) -> None:

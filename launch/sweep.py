@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ember.errors import UserError
@@ -42,7 +43,15 @@ def train_run(run: dict, via: str, index: str = "") -> dict:
     return result
 
 
-def run_sweep(sweep: dict, via: str = "pretrain") -> list[dict]:
-    """Every run of the sweep, in order (small budgets first)."""
+def run_sweep(sweep: dict, via: str = "pretrain", jobs: int = 1) -> list[dict]:
+    """Every run of the sweep, started in order (small budgets first), `jobs` of them at a time.
+
+    Each run is its own process, so runs side by side change no loss (a run's result depends on its config
+    only); give each one thread (OMP_NUM_THREADS=1) and one job per core.
+    """
     runs = sweep["runs"]
-    return [train_run(run, via, f"[{i}/{len(runs)}]") for i, run in enumerate(runs, start=1)]
+    labelled = [(run, f"[{i}/{len(runs)}]") for i, run in enumerate(runs, start=1)]
+    if jobs <= 1:
+        return [train_run(run, via, label) for run, label in labelled]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda item: train_run(item[0], via, item[1]), labelled))

@@ -63,7 +63,7 @@ def test_sweep_killed_resumes_then_fit_and_report(tmp_path, small_dataset):
     assert summary(Path(runs[0]["run_dir"]))["finished"] and summary(second_run) is None
     finished_before = (Path(runs[0]["run_dir"]) / "metrics.jsonl").read_bytes()
 
-    again = run_ember("scaling", "sweep", str(sweep_dir))
+    again = run_ember("scaling", "sweep", str(sweep_dir), "--jobs", "2")  # two at a time: still skips and resumes
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert f"{runs[0]['name']}: finished before, skipped" in again.stdout
     assert f"{runs[1]['name']}: " in again.stdout and "(resuming from its checkpoint)" in again.stdout
@@ -123,3 +123,16 @@ def test_run_configs_carry_the_sweep_sets_under_the_run_settings(tmp_path):
     run = {"name": "r", "sets": {"train.lr": 0.01, "train.max_steps": 40}}
     data = yaml.safe_load(run_config_yaml(sweep, run, tmp_path))
     assert data["train"] == {"eval_batches": 8, "lr": 0.01, "max_steps": 40}  # the run's own lr wins
+
+
+def test_plan_leaves_out_runs_beyond_the_tokens_per_param_cap(tmp_path, small_dataset):
+    from ember.config import load_config
+    from ember.pretrain.scaling.plan import SweepConfig, plan
+
+    path = sweep_config(tmp_path, small_dataset)
+    cfg = load_config(path, SweepConfig, ["rule.max_tokens_per_param=0.5"], kind="scaling")
+    sweep = plan(cfg, tmp_path / "sweep", str(path))
+    uncapped = plan(load_config(path, SweepConfig, [], kind="scaling"), tmp_path / "sweep", str(path))
+    assert all(r["tokens"] <= 0.5 * r["params"] for r in sweep["runs"])
+    cut = [r["name"] for r in uncapped["runs"] if r["tokens"] > 0.5 * r["params"]]
+    assert cut and set(sweep["skipped"]) == set(cut), (cut, sweep["skipped"])
