@@ -165,12 +165,12 @@ def test_two_processes_match_one_per_step(parent, config, tmp_path_factory, back
 
 @pytest.fixture(scope="module")
 def sft_config(tmp_path_factory) -> Path:
-    """stdlib-docstring examples (signature and docstring -> body) of three packages' short functions, as a jsonl
-    file task with packing: several examples share each packed row."""
+    """stdlib-docstring examples (signature and docstring -> body) of four packages' short functions, as a jsonl
+    file task with packing: many packed rows hold two examples."""
     from ember.finetune.tasks import stdlib_functions
 
-    functions = [f for f in stdlib_functions(0.05, {"email", "json", "logging"})
-                 if f.has_docstring and f.body.strip() and len(f.header) + len(f.body) < 260]
+    functions = [f for f in stdlib_functions(0.05, {"email", "json", "logging", "xml"})
+                 if f.has_docstring and f.body.strip() and len(f.header) + len(f.body) < 160]
     root = tmp_path_factory.mktemp("sft")
     (root / "docstring.jsonl").write_text("".join(json.dumps({"prompt": f.header, "response": f.body}) + "\n" for f in functions))
     path = root / "docstring.yaml"
@@ -179,7 +179,7 @@ def sft_config(tmp_path_factory) -> Path:
     return path
 
 
-SFT_PACKED = ("finetune.max_length=128", "finetune.max_eval_examples=16")
+SFT_PACKED = ("finetune.max_length=128", "finetune.max_eval_examples=16", "train.eval_every=4")
 
 
 @pytest.mark.slow
@@ -189,6 +189,7 @@ def test_packed_sft_on_two_processes_matches_one_per_step(parent, sft_config, tm
     one = mode_run(parent, sft_config, tmp_path_factory, *SFT_PACKED)
     two = two_rank_run(parent, sft_config, tmp_path_factory, backend, *SFT_PACKED)
     assert records(one, "finetune")[0]["task_kind"] == "sft"
+    assert records(two, "train")[-1]["samples_consumed"] > 4 * 8  # more examples than rows: packed
     assert_same_losses_per_step(one, two)
 
 
