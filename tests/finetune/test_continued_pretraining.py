@@ -80,15 +80,20 @@ def test_continued_pretraining_starts_from_the_parent_and_records_it(parent, tmp
     assert summary["parent_step"] == 6 and summary["hf_dir"] == str(run / "hf")
 
 
-def test_a_corpus_with_another_tokenizer_is_refused(parent, tmp_path):
+def test_a_corpus_with_another_tokenizer_or_none_prepared_is_refused(parent, tmp_path):
     from ember.config import load_config
     from ember.errors import UserError
     from ember.finetune.run import finetune
     from ember.run_config import FinetuneRunConfig
 
-    corpus = write_corpus(tmp_path / "corpus", tokenizer=None, vocab_size=300)
-    cfg = load_config(continued_config(tmp_path / "cpt.yaml", corpus, tmp_path / "run"), FinetuneRunConfig,
-                      [f"finetune.init_from={parent}"], kind="finetune")
-    with pytest.raises(UserError, match="another tokenizer than the parent's"):
-        finetune(cfg)
-    assert not (tmp_path / "run").exists()
+    def refused(corpus: Path) -> str:
+        cfg = load_config(continued_config(tmp_path / "cpt.yaml", corpus, tmp_path / "run"), FinetuneRunConfig,
+                          [f"finetune.init_from={parent}"], kind="finetune")
+        with pytest.raises(UserError) as error:
+            finetune(cfg)
+        assert not (tmp_path / "run").exists()
+        return error.value.line()
+
+    assert "another tokenizer than the parent's" in refused(write_corpus(tmp_path / "corpus", tokenizer=None, vocab_size=300))
+    (tmp_path / "raw").mkdir()
+    assert "needs a dataset prepared by `ember data prepare`" in refused(tmp_path / "raw")
