@@ -219,10 +219,12 @@ def finetune(cfg) -> dict:
                             "finetune.class_weights")
         loss = ClassificationLoss(ft.class_weights)
     elif kind == "sft":
-        if any("messages" in e for e in task.train[:1]):
+        if "messages" in task.train[0]:  # a chat task (tasks.file_task takes one form per file)
             where = f"{ft.task}: field messages (assistant turns)"
-        train_set = audit_labels(encode_sft(task.train, tokenizer, eos_id, ft.max_length, ft.task), f"{where} (training examples)")
-        eval_set = audit_labels(encode_sft(task.eval, tokenizer, eos_id, ft.max_length, ft.task), f"{where} (evaluation examples)")
+        train_set = audit_labels(encode_sft(task.train, tokenizer, eos_id, ft.max_length, f"{ft.task}, training set"),
+                                 f"{where} (training examples)")
+        eval_set = audit_labels(encode_sft(task.eval, tokenizer, eos_id, ft.max_length, f"{ft.task}, evaluation set"),
+                                f"{where} (evaluation examples)")
         loss = CausalLMLoss(t.z_loss)
     metric = ft.metric if ft.metric != "auto" else ("accuracy" if kind in ("classification", "dpo") else "loss")
     config = task_hf_config(cfg.model, kind, len(labels), token_ids)
