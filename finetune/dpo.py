@@ -41,13 +41,14 @@ class DPOLoss:
     def num_targets(self, batch: ModelBatch) -> int:
         return batch.input_ids.shape[0] // 2
 
-    def rewards(self, backend, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Implied rewards (pairs,) of chosen and rejected: beta * (policy - reference) log-probabilities."""
-        delta = self.beta * (sequence_logps(backend, batch) - batch.ref_logps)
+    def rewards(self, policy_logps: torch.Tensor, batch: ModelBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implied rewards (pairs,) of chosen and rejected: beta * (policy - reference) log-probabilities, from the
+        policy's (rows,) summed log-probabilities."""
+        delta = self.beta * (policy_logps - batch.ref_logps)
         return delta[0::2], delta[1::2]
 
     def __call__(self, backend, batch: ModelBatch, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen, rejected = self.rewards(backend, batch)
+        chosen, rejected = self.rewards(sequence_logps(backend, batch), batch)
         loss = -F.logsigmoid(chosen - rejected).sum() / normalizer
         return loss, loss
 
@@ -76,23 +77,38 @@ def reference_logps(backend, examples: list[Encoded], batch_rows: int, pad_id: i
     return out
 
 
+def ranked_first(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """1 where `first` is above `second`, 0.5 on a tie, 0 below (a tie is a coin flip, not a loss)."""
+    return (first > second).double() + 0.5 * (first == second).double()
+
+
 @torch.no_grad()
 def evaluate_preferences(backend, batches, loss: DPOLoss) -> dict:
-    """Held-out DPO loss, mean reward margin (chosen - rejected) and preference accuracy (chosen's implied reward
-    above rejected's; the policy's own log-probabilities for the starting model, whose rewards are all zero)."""
+    """Held-out DPO loss, mean reward margin (chosen's implied reward minus rejected's) and two accuracies:
+
+    - `preference_accuracy`: the fraction of pairs whose chosen response the model itself finds more likely than
+      the rejected one (summed log-probabilities, as in the loss). It is defined for any model the same way, so
+      the starting model has a real score to beat (DPO raises chosen over rejected relative to the reference, so
+      it should rise).
+    - `reward_accuracy`: the fraction of pairs whose chosen implied reward is above the rejected one's (the usual
+      DPO "reward accuracy"). At the start the policy is the reference, every reward is 0 and every pair ties:
+      ties count 0.5, so the starting model scores chance (0.5), not 0 by construction.
+    """
     backend.model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, margin, accuracy, log-prob accuracy, pairs
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, margin, preference accuracy, reward accuracy, pairs
     for batch in batches:
         batch = batch.to(backend.device)
         keep = batch.labels[0::2].ne(IGNORE_INDEX).any(-1)  # filler pairs have no targets
-        chosen, rejected = loss.rewards(backend, batch)
-        policy = sequence_logps(backend, batch)
-        margin = (chosen - rejected)[keep]
-        sums += torch.tensor([float(-F.logsigmoid(margin).sum()), float(margin.sum()), float((margin > 0).sum()),
-                              float((policy[0::2] > policy[1::2])[keep].sum()), float(keep.sum())], dtype=torch.float64)
+        policy = sequence_logps(backend, batch)  # (rows,)
+        chosen_logp, rejected_logp = policy[0::2][keep], policy[1::2][keep]
+        chosen, rejected = (r[keep] for r in loss.rewards(policy, batch))
+        margin = chosen - rejected
+        sums += torch.tensor([float(-F.logsigmoid(margin).sum()), float(margin.sum()),
+                              float(ranked_first(chosen_logp, rejected_logp).sum()), float(ranked_first(chosen, rejected).sum()),
+                              float(keep.sum())], dtype=torch.float64)
     backend.model.train()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     n = max(float(sums[4]), 1.0)
     return {"val_loss": float(sums[0]) / n, "reward_margin": float(sums[1]) / n, "preference_accuracy": float(sums[2]) / n,
-            "logp_preference_accuracy": float(sums[3]) / n, "num_pairs": int(sums[4])}
+            "reward_accuracy": float(sums[3]) / n, "num_pairs": int(sums[4])}

@@ -3,7 +3,9 @@
 Built-in tasks take their examples from the functions of the Python standard library source, the corpus ember
 pretrains on by default. A file is held out when the pretraining split put it in `val` (the same hash of the same
 bytes, `data.prepare.hash_fraction`): evaluation examples come only from held-out files, training examples only
-from the others, so a pretrained model never saw an evaluation example.
+from the others, so a pretrained model never saw an evaluation example. With `finetune.validation_fraction` the
+evaluation examples come instead from the training files whose hash lies just above the held-out range (and those
+files leave the training set): a validation split for choosing settings that never looks at the held-out files.
 
 - `stdlib-topic`: classify a function's source into its top-level package, among the `num_labels` packages with
   the most functions (the `test` package, test suites rather than library code, is left out).
@@ -20,6 +22,7 @@ import json
 import random
 import sysconfig
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,16 +49,24 @@ class TaskData:
 @dataclass
 class StdlibFunction:
     package: str  # top-level package (first path component under the stdlib root)
-    heldout: bool  # the file is in the pretraining val split
+    split: str  # "heldout" (the file is in the pretraining val split), "validation" or "train"
     source: str  # the whole function, from `def` to its last line, dedented
     header: str  # signature and docstring
     body: str  # the statements after the docstring
     has_docstring: bool
 
 
-def file_is_heldout(data: bytes, val_fraction: float) -> bool:
-    """Whether `ember data prepare` put this document in `val` (blake2b-16 of its UTF-8 bytes)."""
-    return hash_fraction(hashlib.blake2b(data, digest_size=16).digest()) < val_fraction
+def file_fraction(data: bytes) -> float:
+    """Where this document falls in [0, 1) by the hash `ember data prepare` splits on (blake2b-16 of its UTF-8
+    bytes): below the pretraining split's val_fraction means held out."""
+    return hash_fraction(hashlib.blake2b(data, digest_size=16).digest())
+
+
+def file_split(data: bytes, val_fraction: float, validation_fraction: float = 0.0) -> str:
+    fraction = file_fraction(data)
+    if fraction < val_fraction:
+        return "heldout"
+    return "validation" if fraction < val_fraction + validation_fraction else "train"
 
 
 def _functions_of(text: str) -> list[tuple[str, str, str, bool]]:
@@ -84,12 +95,17 @@ def _functions_of(text: str) -> list[tuple[str, str, str, bool]]:
     return out
 
 
-def stdlib_functions(val_fraction: float, packages: set[str] | None = None) -> list[StdlibFunction]:
-    """Functions of the stdlib's files (of `packages` only, when given: top-level modules are not packages), in file
-    order, with held-out flags."""
+def stdlib_functions(val_fraction: float, packages: set[str] | None = None, validation_fraction: float = 0.0,
+                     order_seed: int | None = None) -> Iterator[StdlibFunction]:
+    """Functions of the stdlib's files (of `packages` only, when given: top-level modules are not packages), with
+    their file's split; the files in path order, or in an order drawn from `order_seed` (so that a caller who needs
+    a few examples can stop early instead of parsing the whole library)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for path in stdlib_files():
+    paths = stdlib_files()
+    if order_seed is not None:
+        key = lambda p: hashlib.blake2b(f"{order_seed}:{p.relative_to(root).as_posix()}".encode(), digest_size=8).digest()
+        paths = sorted(paths, key=key)
+    for path in paths:
         parts = path.relative_to(root).parts
         if parts[0] in EXCLUDED_PACKAGES or (packages is not None and (len(parts) < 2 or parts[0] not in packages)):
             continue
@@ -98,10 +114,9 @@ def stdlib_functions(val_fraction: float, packages: set[str] | None = None) -> l
             text = data.decode("utf-8")
         except UnicodeDecodeError:  # dropped by prepare as well
             continue
-        heldout = file_is_heldout(data, val_fraction)
+        split = file_split(data, val_fraction, validation_fraction)
         for source, header, body, has_doc in _functions_of(text):
-            found.append(StdlibFunction(parts[0], heldout, source, header, body, has_doc))
-    return found
+            yield StdlibFunction(parts[0], split, source, header, body, has_doc)
 
 
 def largest_packages(num: int) -> list[str]:
@@ -138,14 +153,17 @@ def _balanced(examples: list[dict], labels: list[str], limit: int | None, seed: 
     return chosen
 
 
+def eval_split(cfg) -> str:
+    return "validation" if cfg.validation_fraction else "heldout"
+
+
 def stdlib_topic(cfg, val_fraction: float, seed: int) -> TaskData:
     labels = sorted(largest_packages(cfg.num_labels))
-    functions = stdlib_functions(val_fraction, set(labels))
-    examples = [({"text": f.source, "label": f.package}, f.heldout) for f in functions]
-    train = [e for e, held in examples if not held]
-    heldout = [e for e, held in examples if held]
+    functions = list(stdlib_functions(val_fraction, set(labels), cfg.validation_fraction or 0.0))
+    train = [{"text": f.source, "label": f.package} for f in functions if f.split == "train"]
+    evaluation = [{"text": f.source, "label": f.package} for f in functions if f.split == eval_split(cfg)]
     return TaskData("classification", _balanced(train, labels, cfg.max_train_examples, seed),
-                    _balanced(heldout, labels, cfg.max_eval_examples, seed + 1), labels)
+                    _balanced(evaluation, labels, cfg.max_eval_examples, seed + 1), labels)
 
 
 def _corrupt(body: str, other_body: str, rng: random.Random) -> str:
@@ -160,17 +178,29 @@ def _corrupt(body: str, other_body: str, rng: random.Random) -> str:
 
 
 def stdlib_generation(cfg, kind: str, val_fraction: float, seed: int) -> TaskData:
-    functions = [f for f in stdlib_functions(val_fraction) if f.has_docstring and f.body.strip()]
+    """Functions with a docstring and a body, from files in a seeded order until both splits have enough (all
+    files when a split has no limit), then a seeded sample of each."""
+    limits = {"train": cfg.max_train_examples, eval_split(cfg): cfg.max_eval_examples}
+    found: dict[str, list[StdlibFunction]] = {split: [] for split in limits}
+    order = seed if None not in limits.values() else None
+    for f in stdlib_functions(val_fraction, None, cfg.validation_fraction or 0.0, order_seed=order):
+        if f.split in found and f.has_docstring and f.body.strip():
+            found[f.split].append(f)
+            if order is not None and all(len(found[s]) > limits[s] for s in limits):
+                break
     rng = random.Random(seed)
-    splits: dict[bool, list[dict]] = {False: [], True: []}
-    for i, f in enumerate(functions):
-        if kind == "sft":
-            splits[f.heldout].append({"prompt": f.header, "response": f.body})
-        else:
-            other = functions[(i + 1 + rng.randrange(len(functions) - 1)) % len(functions)].body
-            splits[f.heldout].append({"prompt": f.header, "chosen": f.body, "rejected": _corrupt(f.body, other, rng)})
-    return TaskData(kind, _sample(splits[False], cfg.max_train_examples, seed),
-                    _sample(splits[True], cfg.max_eval_examples, seed + 1))
+    splits: dict[str, list[dict]] = {}
+    for split, group in found.items():
+        splits[split] = []
+        # A rejected body from another function comes from the same split: no held-out text in training pairs.
+        for i, f in enumerate(group):
+            if kind == "sft":
+                splits[split].append({"prompt": f.header, "response": f.body})
+            elif len(group) > 1:
+                other = group[(i + 1 + rng.randrange(len(group) - 1)) % len(group)].body
+                splits[split].append({"prompt": f.header, "chosen": f.body, "rejected": _corrupt(f.body, other, rng)})
+    return TaskData(kind, _sample(splits["train"], cfg.max_train_examples, seed),
+                    _sample(splits[eval_split(cfg)], cfg.max_eval_examples, seed + 1))
 
 
 # ---------------------------------------------------------------- user files
