@@ -3,7 +3,10 @@
 Labels follow the engine's contract: next-token targets aligned with the inputs, IGNORE_INDEX where a position is
 not supervised (prompt, padding, the boundary between packed examples), or one class id per row. The loader
 draws examples in seeded epoch orders, each global batch the same whatever the world size (rank r takes its rows
-of it), and its state is the number of examples consumed.
+of it), and its state is the number of examples consumed. A chat example's turns go through the tokenizer's chat
+template (a built-in one when it has none) and only its assistant turns are targets. The label audit runs before
+training: on the examples (those with no target are dropped, none left is an error) and on every micro-batch
+the loader will give any rank.
 """
 
 from __future__ import annotations
