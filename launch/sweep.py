@@ -21,15 +21,21 @@ def run_command(run: dict, via: str) -> list[str]:
     return [*ember, "launch" if via == "launch" else "pretrain", run["config"]]
 
 
+def say(line: str) -> None:
+    """One line in one write: runs trained side by side (--jobs) report from their own threads."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_run(run: dict, via: str, index: str = "") -> dict:
     """Train one run of a sweep (skipped when finished); returns its result (params, tokens, loss)."""
     done = run_result(Path(run["run_dir"]))
     if done is not None:
-        print(f"{index} {run['name']}: finished before, skipped (val loss {done['loss']:.4f})", flush=True)
+        say(f"{index} {run['name']}: finished before, skipped (val loss {done['loss']:.4f})")
         return done
     resuming = (Path(run["run_dir"]) / "checkpoints").is_dir()
-    print(f"{index} {run['name']}: {run['params']:,} params, {run['tokens']:,} tokens, {run['steps']} steps"
-          f"{' (resuming from its checkpoint)' if resuming else ''}", flush=True)
+    say(f"{index} {run['name']}: {run['params']:,} params, {run['tokens']:,} tokens, {run['steps']} steps"
+        f"{' (resuming from its checkpoint)' if resuming else ''}")
     log = Path(run["run_dir"]).with_suffix(".out")
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -39,7 +45,7 @@ def train_run(run: dict, via: str, index: str = "") -> dict:
     if code != 0 or result is None:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"sweep run {run['name']} failed with exit code {code}: {tail[0]}", str(log))
-    print(f"{index} {run['name']}: val loss {result['loss']:.4f} in {time.time() - started:.0f} s", flush=True)
+    say(f"{index} {run['name']}: val loss {result['loss']:.4f} in {time.time() - started:.0f} s")
     return result
 
 
