@@ -31,7 +31,7 @@ demo: $(STAMP)
 # run it again to resume: finished runs are skipped. Fails if the measured loss misses the prediction.
 SCALING_DEMO ?= runs/scaling-demo
 scaling-demo: $(STAMP)
-	@echo "== ember scaling demo: plan -> sweep -> fit -> check a held-out run at 3x the largest budget -> report"
+	@echo "== ember scaling demo: plan -> sweep -> fit -> check a held-out run at 4x the largest budget -> report"
 	$(VENV)/bin/ember scaling plan configs/scaling/cpu-demo.yaml --out $(SCALING_DEMO)
 	$(VENV)/bin/ember scaling sweep $(SCALING_DEMO) --jobs 2
 	$(VENV)/bin/ember scaling fit --sweep $(SCALING_DEMO)

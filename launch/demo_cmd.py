@@ -89,7 +89,7 @@ def run_scaling_stages(ember: list[str], root: Path) -> None:
     if code != 0 and not missed:
         raise UserError(f"demo stage 'scaling check' failed with exit code {code}", shlex.join(cmd))
     if missed:
-        print("(a sweep this short shows the workflow but does not follow the law: `make scaling-demo` is the one that does)")
+        print("(a sweep this short shows the workflow but does not follow the law; `make scaling-demo` runs a larger one)")
     run_stage("report: plots and the table of runs", [*ember, "scaling", "report", str(sweep), "--wandb", "disabled"])
 
 
