@@ -176,7 +176,10 @@ def test_interrupted_prepare_leaves_no_half_dataset(sig, code, tmp_path, tiny_to
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ember", "data", "prepare", "stdlib", "--set", f"output_dir={out}", "--set", f"tokenizer={tiny_tokenizer}",
            "--set", "shard_tokens=65536"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would the
+    # child: give it the default disposition, as a terminal's Ctrl-C would find it.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".out.tmp-*/train-00001.bin")):  # shards are being written
