@@ -155,7 +155,9 @@ def test_lora_trains_only_adapters_and_the_merged_export_equals_base_plus_adapte
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend, mode, zero_stage", [("fsdp", "full", 2), ("deepspeed", "lora", 3)])
+# Classification, full and LoRA, on fsdp and on DeepSpeed (ZeRO-1 and ZeRO-3; packed SFT below takes ZeRO-2).
+@pytest.mark.parametrize("backend, mode, zero_stage", [("fsdp", "full", 2), ("fsdp", "lora", 2), ("deepspeed", "full", 1),
+                                                       ("deepspeed", "lora", 3)])
 def test_two_processes_match_one_per_step(parent, config, tmp_path_factory, backend, mode, zero_stage):
     sets = ["finetune.mode=lora", "finetune.lora.rank=4"] if mode == "lora" else ["finetune.mode=full"]
     one = mode_run(parent, config, tmp_path_factory, *sets)
