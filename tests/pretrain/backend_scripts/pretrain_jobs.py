@@ -6,8 +6,8 @@
 JOBS.json is a list of {"config": PATH, "sets": ["key=value", ...]}. Each job goes through what `ember pretrain
 CONFIG --set ...` runs (load_config, then ember.pretrain.run.pretrain), so a test can compare many runs for the
 price of one interpreter and one torchrun start-up per world size: start-up is most of a tiny run's time.
-Between jobs the process group stays up (the torchrun store serves one rendezvous per process) and each job's
-log file handler is closed, so every run directory holds its own log only.
+Between jobs the process group stays up (one rendezvous per process, as in a real run) and each job's log file
+handler is closed, so every run directory holds its own log only.
 """
 
 from __future__ import annotations
