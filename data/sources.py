@@ -88,7 +88,7 @@ def resolve_source(spec: str, text_field: str = "text", hub_config: str | None =
         return Source(spec, "files", files, **common)
     path = Path(spec)
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if is_saved_dataset(path):
             return Source(spec, "saved", [path], **common)
         files = sorted(p for p in path.rglob("*") if p.is_file() and _is_supported(p))
         if not files:
@@ -101,6 +101,22 @@ def resolve_source(spec: str, text_field: str = "text", hub_config: str | None =
     if _HUB_NAME.match(spec) and not spec.endswith(TEXT_SUFFIXES + COMPRESSIONS):
         return Source(spec, "hub", [], **common)
     raise UserError("source not found: no such file, directory or glob match", spec)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def dataset_split(ds, split: str, where: str, field: str = "hub_split"):
+    """`split` of a DatasetDict (a Dataset as it is); a UserError naming the splits and `field` when it has none."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    if split not in ds:
+        raise UserError(f"no split '{split}' (splits: {', '.join(ds)}); set {field}", where)
+    return ds[split]
 
 
 def _is_supported(path: Path) -> bool:
@@ -238,10 +254,7 @@ def _read_saved(path: Path, text_field: str, split: str, stats: SourceStats) -> 
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
         raise UserError(f"cannot load the save_to_disk dataset: {e}", str(path)) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise UserError(f"no split '{split}' (splits: {', '.join(ds)}); set hub_split", str(path))
-        ds = ds[split]
+    ds = dataset_split(ds, split, str(path))
     if text_field not in ds.column_names:
         raise UserError(f"no text column '{text_field}' (columns: {', '.join(ds.column_names[:8])}); set text_field", str(path))
     yield from _read_arrow_column(ds.data.table.select([text_field]).to_batches(max_chunksize=1024), text_field, str(path), stats)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ember.data.sources import dataset_split, is_saved_dataset
 from ember.errors import UserError
-
-
-def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
 def is_dataset_task(task: str) -> bool:
@@ -31,8 +28,4 @@ def read_dataset_records(task: str, split: str) -> list[dict]:
     except Exception as e:  # datasets raises many kinds (missing files, unknown names, offline hub)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the dataset: {first}", task) from None
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise UserError(f"no split {split!r} (splits: {', '.join(ds)}); set finetune.hub_split", task)
-        ds = ds[split]
-    return ds.to_list()
+    return dataset_split(ds, split, task, field="finetune.hub_split").to_list()
