@@ -55,8 +55,12 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"{r['name']:<24} {r['params']:>10,} {r['tokens']:>12,} {r['tokens'] / r['params']:>9.1f} {r['steps']:>6} "
               f"{s['train.global_batch_size']:>6} {s['train.lr']:>9.3g}")
     if sweep["skipped"]:
-        too_many = f" or more than rule.max_tokens_per_param={cfg.rule.max_tokens_per_param:g} tokens per parameter" if cfg.rule.max_tokens_per_param else ""
-        print(f"left out (fewer than rule.min_steps={cfg.rule.min_steps} steps{too_many}): {', '.join(sweep['skipped'])}")
+        rule = cfg.rule
+        window = [f"fewer than rule.min_steps={rule.min_steps} steps"]
+        window += [f"fewer than rule.min_tokens_per_param={rule.min_tokens_per_param:g}"] if rule.min_tokens_per_param else []
+        window += [f"more than rule.max_tokens_per_param={rule.max_tokens_per_param:g}"] if rule.max_tokens_per_param else []
+        tail = " tokens per parameter" if len(window) > 1 else ""
+        print(f"left out ({' or '.join(window)}{tail}): {', '.join(sweep['skipped'])}")
     print(f"planned {len(sweep['runs'])} runs over {len(cfg.budgets)} budget(s): {path}; train them with `ember scaling sweep {out}`")
     return 0
 
@@ -197,25 +201,29 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def heldout_run(sweep: dict, fit, factor: float, size: str | None) -> dict:
-    """The held-out run: factor x the sweep's largest budget, on the ladder size nearest the law's N*(C)."""
+    """The held-out run: factor x the sweep's largest budget, on the ladder size nearest the law's N*(C) among those
+    the sweep's rule admits at that budget (a run too short, or with fewer tokens per parameter than the sweep's
+    runs, would test the law where the sweep never measured it)."""
     from ember.config import load_config
     from ember.pretrain.scaling.plan import BatchRule, num_params, plan_run
     from ember.run_config import RunConfig
 
     budget = factor * max(r["budget"] for r in sweep["runs"])
     ladder = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in sweep["ladder"]}
-    if size is None:
-        n_star = float(fit.law.optimal(budget)[0])
-        size = min(ladder, key=lambda s: abs(math.log(num_params(ladder[s]) / n_star)))
-    elif size not in ladder:
-        raise UserError(f"--size '{size}' is not in the sweep's ladder ({', '.join(ladder)})", "--size")
     base = load_config(Path(sweep["base"]), RunConfig, sweep["sets"])
     # The sweep's rule, less its cap on tokens per parameter: that shapes the grid, it does not forbid a target.
     rule = BatchRule(**{**sweep["rule"], "max_tokens_per_param": None})
-    run = plan_run(f"{size}@{budget:.3g}-heldout", ladder[size], budget, base, rule, sweep["val_tokens"])
-    if run is None:
-        raise UserError(f"the held-out run of {size} at C = {budget:.3g} would be shorter than rule.min_steps", "--factor")
-    return run
+    runs = {s: plan_run(f"{s}@{budget:.3g}-heldout", m, budget, base, rule, sweep["val_tokens"]) for s, m in ladder.items()}
+    if size is not None and size not in ladder:
+        raise UserError(f"--size '{size}' is not in the sweep's ladder ({', '.join(ladder)})", "--size")
+    if size is None:
+        n_star = float(fit.law.optimal(budget)[0])
+        admitted = [s for s, run in runs.items() if run is not None] or list(ladder)
+        size = min(admitted, key=lambda s: abs(math.log(num_params(ladder[s]) / n_star)))
+    if runs[size] is None:
+        raise UserError(f"the held-out run of {size} at C = {budget:.3g} would be shorter than rule.min_steps or have fewer "
+                        "than rule.min_tokens_per_param tokens per parameter", "--factor")
+    return runs[size]
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -6,8 +6,8 @@ from Porian et al. 2024 ("Resolving Discrepancies in Compute-Optimal Scaling of 
 lr = lr_ref * (N / params_ref)^(-1/3) and batch tokens = batch_tokens_ref * (N / params_ref)^(2/3),
 the reference point given by the sweep config (OLMo-core's: 0.0047 and 160 x 2048 tokens at 108M
 parameters). The batch is rounded to whole micro-batches and capped so each run takes at least
-`min_steps` optimiser steps; a run that would still be shorter, or that would train on more than
-`max_tokens_per_param` tokens per parameter, is left out and said so.
+`min_steps` optimiser steps; a run that would still be shorter, or that would train on fewer than
+`min_tokens_per_param` or more than `max_tokens_per_param` tokens per parameter, is left out and said so.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class BatchRule(Section):
     lr_ref: float = Field(0.0047, gt=0, description="peak learning rate at params_ref; scales as N^(-1/3)")
     batch_tokens_ref: int = Field(160 * 2048, gt=0, description="tokens per optimiser step at params_ref; scales as N^(2/3)")
     min_steps: int = Field(20, gt=0, description="fewest optimiser steps of a run: the batch shrinks to keep them")
+    min_tokens_per_param: float | None = Field(None, gt=0, description="leave out runs of fewer tokens per parameter "
+                                               "(the large-model end of an IsoFLOP curve: data-starved runs the law does not follow)")
     max_tokens_per_param: float | None = Field(None, gt=0, description="leave out runs of more tokens per parameter "
                                                "(the small-model end of an IsoFLOP curve: far from its minimum, and the most steps)")
     warmup_fraction: float = Field(0.1, ge=0, lt=1, description="linear warm-up as a fraction of the run's steps")
@@ -96,6 +98,12 @@ def batch_for(params: int, tokens: float, seq_len: int, micro_batch: int, rule: 
     return max(micro_batch, int(min(wanted, most) // micro_batch) * micro_batch)
 
 
+def admits_tokens(rule: BatchRule, params: int, tokens: float) -> bool:
+    """Whether tokens per parameter lie inside the rule's window."""
+    low, high = rule.min_tokens_per_param, rule.max_tokens_per_param
+    return (low is None or tokens >= low * params) and (high is None or tokens <= high * params)
+
+
 def plan_run(name: str, model: dict, budget: float, base, rule: BatchRule, val_tokens: int) -> dict | None:
     """One run of the grid (its settings as --set overrides), or None when the rule leaves it out."""
     t = base.train
@@ -103,7 +111,7 @@ def plan_run(name: str, model: dict, budget: float, base, rule: BatchRule, val_t
     tokens = budget / (6 * n)
     batch = batch_for(n, tokens, t.seq_len, t.micro_batch_size, rule)
     steps = round(tokens / (batch * t.seq_len))
-    if steps < rule.min_steps or (rule.max_tokens_per_param and tokens > rule.max_tokens_per_param * n):
+    if steps < rule.min_steps or not admits_tokens(rule, n, tokens):
         return None
     lr = rule.lr_ref * (n / rule.params_ref) ** (-1 / 3)
     sets = {"model": full_model(model), "train.max_steps": steps, "train.global_batch_size": batch, "train.global_batch_tokens": None,
@@ -128,8 +136,8 @@ def plan(sweep: SweepConfig, sweep_dir: Path, where: str) -> dict:
             run = plan_run(f"{size}@{budget:.3g}", model, budget, base, sweep.rule, sweep.val_tokens)
             (runs if run else skipped).append(run or f"{size}@{budget:.3g}")
     if not runs:
-        raise UserError(f"no run of the grid reaches rule.min_steps={sweep.rule.min_steps} steps within rule.max_tokens_per_param: "
-                        "change the budgets", where)
+        raise UserError(f"no run of the grid reaches rule.min_steps={sweep.rule.min_steps} steps within the rule's tokens per "
+                        "parameter: change the budgets", where)
     return {"name": sweep.name, "base": str(base_path.resolve()), "sets": sweep.sets, "rule": sweep.rule.model_dump(),
             "val_tokens": sweep.val_tokens, "ladder": [{"name": s, **m} for s, m in models], "runs": runs, "skipped": skipped}
 

@@ -125,14 +125,41 @@ def test_run_configs_carry_the_sweep_sets_under_the_run_settings(tmp_path):
     assert data["train"] == {"eval_batches": 8, "lr": 0.01, "max_steps": 40}  # the run's own lr wins
 
 
-def test_plan_leaves_out_runs_beyond_the_tokens_per_param_cap(tmp_path, small_dataset):
+def test_plan_leaves_out_runs_outside_the_tokens_per_param_window(tmp_path, small_dataset):
     from ember.config import load_config
     from ember.pretrain.scaling.plan import SweepConfig, plan
 
     path = sweep_config(tmp_path, small_dataset)
-    cfg = load_config(path, SweepConfig, ["rule.max_tokens_per_param=0.5"], kind="scaling")
-    sweep = plan(cfg, tmp_path / "sweep", str(path))
     uncapped = plan(load_config(path, SweepConfig, [], kind="scaling"), tmp_path / "sweep", str(path))
-    assert all(r["tokens"] <= 0.5 * r["params"] for r in sweep["runs"])
-    cut = [r["name"] for r in uncapped["runs"] if r["tokens"] > 0.5 * r["params"]]
-    assert cut and set(sweep["skipped"]) == set(cut), (cut, sweep["skipped"])
+    ratio = lambda r: r["budget"] / (6 * r["params"] ** 2)  # noqa: E731  tokens per parameter as planned, D = C / (6N)
+    ratios = sorted(map(ratio, uncapped["runs"]))
+    low, high = ratios[1], ratios[-2]  # each bound cuts at least one run
+    window = [f"rule.min_tokens_per_param={low}", f"rule.max_tokens_per_param={high}"]
+    sweep = plan(load_config(path, SweepConfig, window, kind="scaling"), tmp_path / "sweep", str(path))
+    assert sweep["runs"] and all(low <= ratio(r) <= high for r in sweep["runs"])
+    cut = [r["name"] for r in uncapped["runs"] if not low <= ratio(r) <= high]
+    assert len(cut) >= 2 and set(sweep["skipped"]) == set(cut), (cut, sweep["skipped"])
+
+
+def test_heldout_run_is_the_admitted_size_nearest_the_optimum(tmp_path, small_dataset):
+    from types import SimpleNamespace
+
+    from ember.config import load_config
+    from ember.errors import UserError
+    from ember.launch.scaling_cmd import heldout_run
+    from ember.pretrain.scaling.law import Law
+    from ember.pretrain.scaling.plan import SweepConfig, plan
+
+    path = sweep_config(tmp_path, small_dataset)
+    sweep = plan(load_config(path, SweepConfig, [], kind="scaling"), tmp_path / "sweep", str(path))
+    budget = 3 * max(r["budget"] for r in sweep["runs"])
+    largest = max(sweep["runs"], key=lambda r: r["params"])
+    # At 3x the largest budget, ask for more tokens per parameter than the largest size would get there.
+    low = 1.01 * budget / (6 * largest["params"] ** 2)
+    sweep["rule"]["min_tokens_per_param"] = low
+    fit = SimpleNamespace(law=Law(E=1.0, A=1e12, B=1.0, alpha=0.5, beta=0.5))  # N*(C) far beyond the ladder
+    run = heldout_run(sweep, fit, 3.0, None)
+    assert run["size"] != largest["size"] and run["tokens"] >= low * run["params"] * 0.99, run
+    assert run["params"] == max(r["params"] for r in sweep["runs"] if r["size"] != largest["size"])
+    with pytest.raises(UserError, match="fewer than rule.min_tokens_per_param"):
+        heldout_run(sweep, fit, 3.0, largest["size"])
