@@ -5,7 +5,8 @@ trains on D = C / (6 N) tokens. Learning rate and batch follow the rule OLMo-cor
 from Porian et al. 2024 ("Resolving Discrepancies in Compute-Optimal Scaling of Language Models"):
 lr = lr_ref * (N / params_ref)^(-1/3) and batch tokens = batch_tokens_ref * (N / params_ref)^(2/3),
 the reference point given by the sweep config (OLMo-core's: 0.0047 and 160 x 2048 tokens at 108M
-parameters). The batch is rounded to whole micro-batches and capped so each run takes at least
+parameters). `batch_exponent: 0` holds the batch for a ladder whose every size trains below its critical
+batch, where a larger batch buys nothing and would make the largest runs differ from the rest. The batch is rounded to whole micro-batches and capped so each run takes at least
 `min_steps` optimiser steps; a run that would still be shorter, or that would train on fewer than
 `min_tokens_per_param` or more than `max_tokens_per_param` tokens per parameter, is left out and said so.
 """
@@ -31,7 +32,8 @@ class BatchRule(Section):
 
     params_ref: float = Field(108e6, gt=0, description="parameters of the reference model")
     lr_ref: float = Field(0.0047, gt=0, description="peak learning rate at params_ref; scales as N^(-1/3)")
-    batch_tokens_ref: int = Field(160 * 2048, gt=0, description="tokens per optimiser step at params_ref; scales as N^(2/3)")
+    batch_tokens_ref: int = Field(160 * 2048, gt=0, description="tokens per optimiser step at params_ref; scales as N^batch_exponent")
+    batch_exponent: float = Field(2 / 3, ge=0, description="batch tokens grow as N^batch_exponent (Porian et al.: 2/3; 0 holds the batch)")
     min_steps: int = Field(20, gt=0, description="fewest optimiser steps of a run: the batch shrinks to keep them")
     min_tokens_per_param: float | None = Field(None, gt=0, description="leave out runs of fewer tokens per parameter "
                                                "(the large-model end of an IsoFLOP curve: data-starved runs the law does not follow)")
@@ -93,7 +95,7 @@ def num_params(model: dict) -> int:
 
 def batch_for(params: int, tokens: float, seq_len: int, micro_batch: int, rule: BatchRule) -> int:
     """Sequences per step: the rule's batch, in whole micro-batches, at most tokens / min_steps."""
-    wanted = rule.batch_tokens_ref * (params / rule.params_ref) ** (2 / 3) / seq_len
+    wanted = rule.batch_tokens_ref * (params / rule.params_ref) ** rule.batch_exponent / seq_len
     most = tokens / (rule.min_steps * seq_len)
     return max(micro_batch, int(min(wanted, most) // micro_batch) * micro_batch)
 

@@ -163,3 +163,16 @@ def test_heldout_run_is_the_admitted_size_nearest_the_optimum(tmp_path, small_da
     assert run["params"] == max(r["params"] for r in sweep["runs"] if r["size"] != largest["size"])
     with pytest.raises(UserError, match="fewer than rule.min_tokens_per_param"):
         heldout_run(sweep, fit, 3.0, largest["size"])
+
+
+def test_batch_exponent_zero_holds_the_batch_across_the_ladder(tmp_path, small_dataset):
+    from ember.config import load_config
+    from ember.pretrain.scaling.plan import SweepConfig, plan
+
+    path = sweep_config(tmp_path, small_dataset)
+    batches = lambda sets: {r["sets"]["train.global_batch_size"] for r in plan(  # noqa: E731
+        load_config(path, SweepConfig, sets, kind="scaling"), tmp_path / "sweep", str(path))["runs"]}
+    # The reference batch is large enough that the N^(2/3) rule gives the ladder's sizes different batches.
+    ref = ["rule.params_ref=30000", "rule.batch_tokens_ref=512", "rule.min_steps=1"]
+    assert len(batches(ref)) > 1
+    assert batches([*ref, "rule.batch_exponent=0"]) == {512 // 32}
