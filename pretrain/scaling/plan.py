@@ -5,9 +5,10 @@ trains on D = C / (6 N) tokens. Learning rate and batch follow the rule OLMo-cor
 from Porian et al. 2024 ("Resolving Discrepancies in Compute-Optimal Scaling of Language Models"):
 lr = lr_ref * (N / params_ref)^(-1/3) and batch tokens = batch_tokens_ref * (N / params_ref)^(2/3),
 the reference point given by the sweep config (OLMo-core's: 0.0047 and 160 x 2048 tokens at 108M
-parameters). `batch_exponent: 0` holds the batch for a ladder whose every size trains below its critical
-batch, where a larger batch buys nothing and would make the largest runs differ from the rest. The batch is rounded to whole micro-batches and capped so each run takes at least
-`min_steps` optimiser steps; a run that would still be shorter, or that would train on fewer than
+parameters). `batch_exponent: 0` holds the batch, for a ladder whose every size trains below its
+critical batch: there a larger batch buys nothing and would make the largest runs differ from the rest.
+The batch is rounded to whole micro-batches and capped so each run takes at least `min_steps` optimiser
+steps; a run that would still be shorter, or that would train on fewer than
 `min_tokens_per_param` or more than `max_tokens_per_param` tokens per parameter, is left out and said so.
 """
 
