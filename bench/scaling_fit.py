@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from ember.pretrain.cpu_matmul import cpu_model
-from ember.pretrain.scaling.law import fit_law, huber_objective, initial_grid, theta_to_law
+from ember.pretrain.scaling.law import Law, fit_law, huber_objective
 
 DEFAULT_CSV = Path(__file__).resolve().parents[2] / "shared/data/chinchilla/chinchilla_fig4_240_params_tokens_loss.csv"
 
@@ -38,16 +38,16 @@ def main() -> None:
     ember_s = time.perf_counter() - started
 
     def objective(theta):
-        f, g = huber_objective(theta[None], log_n, log_d, log_loss, ones)
+        f, g = huber_objective(Law, theta[None], log_n, log_d, log_loss, ones)
         return f[0], g[0]
 
-    grid = initial_grid()
+    grid = Law.grid
     sample = grid[:: args.stride]
     started = time.perf_counter()
     ends = [minimize(objective, x0, jac=True, method="L-BFGS-B") for x0 in sample]
     scipy_s = (time.perf_counter() - started) * len(grid) / len(sample)
     best = min(ends, key=lambda r: r.fun)
-    scipy_law = theta_to_law(best.x)
+    scipy_law = Law(*Law.values_of(best.x[None])[0])
 
     print(f"CPU: {cpu_model()}; {len(n)} points, {len(grid)} initialisations")
     print(f"{'method':<58} {'seconds':>8}  {'E':>7} {'A':>8} {'B':>8} {'alpha':>7} {'beta':>7}")

@@ -101,16 +101,23 @@ def describe_fit(fit, rows: list[dict]) -> list[str]:
     from ember.pretrain.scaling.isoflop import approach2
 
     law, se, ci = fit.law, fit.standard_errors(), fit.intervals()
-    lines = [f"Approach 3 on {len(rows)} runs: sum of Huber losses (delta 1e-3) of log loss, L-BFGS from {fit.num_inits} starts, "
-             f"{len(fit.samples)} bootstrap resamples", "  L(N, D) = E + A / N^alpha + B / D^beta"]
-    for k in ("E", "A", "B", "alpha", "beta"):
-        lines.append(f"  {k:<6} {getattr(law, k):>12.5g}  SE {se[k]:<10.3g} 95% [{ci[k][0]:.5g}, {ci[k][1]:.5g}]")
+    lines = []
+    if fit.selection:
+        s = fit.selection
+        scores = ", ".join(f"{k} {100 * v['rms']:.2f}% (mean {100 * v['mean']:+.2f}%)" for k, v in s["errors"].items())
+        lines.append(f"--law auto: fitted on the {s['train_runs']} runs below C = {s['held_out_flops']:.3g}, the {s['held_out_runs']} "
+                     f"runs there were predicted with RMS relative error {scores}: {s['chosen']} chosen")
+    lines += [f"Approach 3 ({law.name} law) on {len(rows)} runs: sum of Huber losses (delta 1e-3) of log loss, L-BFGS from "
+              f"{fit.num_inits} starts, {len(fit.samples)} bootstrap resamples", f"  {law.formula}"]
+    for k in law.names():
+        lines.append(f"  {k:<7} {getattr(law, k):>12.5g}  SE {se[k]:<10.3g} 95% [{ci[k][0]:.5g}, {ci[k][1]:.5g}]")
     diverged = len(fit.samples) - len(fit.finite_samples)
     if diverged:
-        lines.append(f"  WARNING: {diverged} of {len(fit.samples)} bootstrap refits ran off to an infinite A or B: these runs do not "
+        lines.append(f"  WARNING: {diverged} of {len(fit.samples)} bootstrap refits ran off to an infinite term: these runs do not "
                      "pin the law down, and the intervals (from the other refits) understate its uncertainty")
     if not law.falls:
-        lines.append(f"  WARNING: alpha {law.alpha:.3g}, beta {law.beta:.3g}: the loss of these runs does not fall with both N and D, "
+        a, b = law.exponents
+        lines.append(f"  WARNING: N and D exponents {a:.3g}, {b:.3g}: the loss of these runs does not fall with both N and D, "
                      "so the law gives no compute-optimal size (runs of very few steps, or far from compute-optimal, do this)")
     else:
         lines.append(f"  N*(C) ~ C^{law.params_exponent:.3f}, D*(C) ~ C^{1 - law.params_exponent:.3f} (C = 6ND)")
@@ -131,7 +138,7 @@ def describe_fit(fit, rows: list[dict]) -> list[str]:
 
 
 def describe_prediction(p: dict) -> str:
-    return (f"predicted loss at N = {p['params']:.4g}, D = {p['tokens']:.4g} (C = {p['flops']:.3g}): {p['loss']:.4f}; "
+    return (f"predicted loss ({p['law']} law) at N = {p['params']:.4g}, D = {p['tokens']:.4g} (C = {p['flops']:.3g}): {p['loss']:.4f}; "
             f"95% interval of the law [{p['interval'][0]:.4f}, {p['interval'][1]:.4f}], "
             f"of one run [{p['run_interval'][0]:.4f}, {p['run_interval'][1]:.4f}]")
 
@@ -151,13 +158,16 @@ def target_of(args: argparse.Namespace, law) -> tuple[float, float] | None:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from ember.pretrain.scaling.law import fit_law
+    from ember.pretrain.scaling.law import fit_law, select_law
 
     rows, where = gather_rows(args)
     if args.bootstrap < 2:
         raise UserError(f"--bootstrap needs at least 2 resamples, got {args.bootstrap}", "--bootstrap")
-    fit = fit_law([r["params"] for r in rows], [r["tokens"] for r in rows], [r["loss"] for r in rows],
-                  num_bootstrap=args.bootstrap, seed=args.seed, where=where)
+    runs = [[r[k] for r in rows] for k in ("params", "tokens", "loss")]
+    selection = select_law(*runs, where=where) if args.law == "auto" else None
+    fit = fit_law(*runs, law=selection["chosen"] if selection else args.law, num_bootstrap=args.bootstrap, seed=args.seed,
+                  where=where)
+    fit.selection = selection
     out = Path(args.out) if args.out else (Path(args.sweep) / FIT_FILE if args.sweep else None)
     if out is not None:
         write_json(out, {**fit.to_json(), "runs": rows})
@@ -276,7 +286,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ember.launch.options import add_set_option
 
     p = sub.add_parser("scaling", help="plan, run, fit and check scaling laws (IsoFLOP sweeps, Chinchilla Approach 3 and 2)",
-                       description="Scaling laws L(N, D) = E + A/N^alpha + B/D^beta: plan an IsoFLOP sweep, train it, fit it "
+                       description="Scaling laws L(N, D) = E + A/N^alpha + B/D^beta (or Kaplan et al.'s interaction form): plan an "
+                                   "IsoFLOP sweep, train it, fit it "
                                    "with bootstrap intervals, predict a larger run, train it and compare, report.")
     cmds = p.add_subparsers(dest="scaling_command", metavar="STEP", required=True)
 
@@ -308,6 +319,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", help="write the fit (bootstrap laws included) to this JSON file, for `predict --fit`")
     q.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for standard errors and intervals")
     q.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    q.add_argument("--law", choices=["chinchilla", "interaction", "auto"], default="chinchilla",
+                   help="chinchilla: E + A/N^alpha + B/D^beta (Hoffmann et al.); interaction: E + ((Nc/N)^(alpha_N/alpha_D) + "
+                        "Dc/D)^alpha_D (Kaplan et al.'s form, the data term bending with N); auto: the one that, fitted without "
+                        "the largest budget, predicts that budget's runs better")
     add_target(q)
     q.set_defaults(func=run_fit)
 

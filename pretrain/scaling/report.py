@@ -60,7 +60,7 @@ def plot_loss_vs_compute(rows: list[dict], fit: Fit, check: dict | None, path: P
                     fmt="s", color="tab:red", capsize=4, label="predicted (95%)")
         ax.scatter([check["flops"]], [check["measured"]], marker="*", s=150, color="tab:orange", zorder=4, label="measured")
     ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats)",
-           title=f"L = {fit.law.E:.3f} + {fit.law.A:.3g}/N^{fit.law.alpha:.3f} + {fit.law.B:.3g}/D^{fit.law.beta:.3f}")
+           title=fit.law.title())
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     return save(fig, path)
@@ -124,7 +124,14 @@ def write_html(rows: list[dict], fit: Fit, check: dict | None, images: list[Path
         cells = (html.escape(r["name"]), f"{r['params']:,}", f"{r['tokens']:,.0f}", f"{r['tokens'] / r['params']:.1f}",
                  f"{r['flops']:.3g}", f"{r['loss']:.4f}", f"{predicted:.4f}", f"{100 * (r['loss'] / predicted - 1):+.2f}%")
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    params = ", ".join(f"{k} = {getattr(law, k):.4g} ± {se[k]:.2g}" for k in ("E", "A", "B", "alpha", "beta"))
+    params = ", ".join(f"{k} = {getattr(law, k):.4g} ± {se[k]:.2g}" for k in law.names())
+    choice_html = ""
+    if fit.selection:
+        sel = fit.selection
+        scores = "; ".join(f"{html.escape(k)} {100 * v['rms']:.2f}%" for k, v in sel["errors"].items())
+        choice_html = (f"<p>Law chosen by its out-of-sample error: fitted on the {sel['train_runs']} runs below "
+                       f"C = {sel['held_out_flops']:.3g}, the {sel['held_out_runs']} runs there were predicted with RMS relative "
+                       f"error {scores}.</p>")
     check_html = ""
     if check:
         p = check["prediction"]
@@ -135,10 +142,10 @@ def write_html(rows: list[dict], fit: Fit, check: dict | None, images: list[Path
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>scaling report</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 8px;text-align:right}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
-<h1>Scaling law: L(N, D) = E + A/N<sup>&alpha;</sup> + B/D<sup>&beta;</sup></h1>
+<h1>Scaling law ({law.name}): {html.escape(law.formula)}</h1>
 <p>{params} (bootstrap standard errors, {len(fit.samples)} resamples; Huber delta 1e-3 on log loss, L-BFGS from
 {fit.num_inits} starts). N*(C) &prop; C<sup>{law.params_exponent:.3f}</sup>, D*(C) &prop; C<sup>{1 - law.params_exponent:.3f}</sup>.</p>
-{check_html}<h2>Runs ({len(rows)})</h2><table><tr>{head}</tr>{''.join(body)}</table>
+{choice_html}{check_html}<h2>Runs ({len(rows)})</h2><table><tr>{head}</tr>{''.join(body)}</table>
 {''.join(f'<p><img src="{html.escape(i.name)}" alt="{html.escape(i.stem)}"></p>' for i in images)}
 </body></html>"""
     tmp = path.with_name(path.name + ".tmp")
