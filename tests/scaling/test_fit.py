@@ -220,3 +220,21 @@ def test_auto_law_through_the_cli_round_trips(tmp_path):
     law = InteractionLaw(*(saved[k] for k in InteractionLaw.names()))
     assert p["law"] == "interaction" and np.isclose(p["loss"], float(law.loss(1e10, 2e11)), rtol=1e-12), p
     assert abs(p["loss"] / float(INTERACTION.loss(1e10, 2e11)) - 1) < 0.01, p
+
+
+def test_report_of_an_auto_fit_names_its_law_and_every_run(tmp_path):
+    from PIL import Image
+
+    from ember.pretrain.scaling.report import write_report
+
+    n, d, loss = isoflop_runs(INTERACTION, 6)
+    rows = [{"name": f"run{i}", "params": float(a), "tokens": float(b), "flops": 6 * a * b, "loss": float(c)}
+            for i, (a, b, c) in enumerate(zip(n, d, loss))]
+    fit = fit_law(n, d, loss, law="interaction", num_bootstrap=20)
+    fit.selection = select_law(n, d, loss)
+    paths = write_report(rows, fit, None, tmp_path)
+    for png in paths[:-1]:
+        assert png.stat().st_size > 10_000 and Image.open(png).size[0] >= 600, png
+    page = paths[-1].read_text()
+    assert "Scaling law (interaction)" in page and "out-of-sample error" in page and "alpha_N" in page
+    assert all(f"<td>run{i}</td>" in page for i in range(len(rows)))
