@@ -16,7 +16,6 @@ predicts that budget's runs.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import astuple, dataclass, fields
 from typing import ClassVar
 
