@@ -5,8 +5,10 @@ rendezvous and restarts are torch's. Three things differ, all about how a job en
 - a worker that stops on a user error (its own or a peer's) sends this agent SIGUSR2 (env
   `EMBER_ELASTIC_AGENT`): the agent stops the other workers at once instead of restarting them, and
   exits 2; the worker has printed the one error line;
-- workers that all stopped on a preemption exit `EXIT_PREEMPTED`, and so does this agent (also when the
-  agent itself got the stop signal and passed it on to them);
+- workers that stopped on a preemption exit `EXIT_PREEMPTED`, and so does this agent (also when the
+  agent itself got the stop signal and passed it on to them, and when torch's agent, seeing the first
+  worker leave, ended a slower one with a signal: one `EXIT_PREEMPTED` proves the agreed step's checkpoint
+  was published, since a worker leaves with it only after the collective save);
 - any other failure is one line naming the rank and its exit code instead of torchrun's traceback.
 """
 
@@ -46,8 +48,8 @@ def exit_code(failures: dict[int, int]) -> tuple[int, str | None]:
     codes = set(failures.values())
     if EXIT_USER_ERROR in codes:
         return EXIT_USER_ERROR, None  # the worker printed its line
-    if codes == {EXIT_PREEMPTED}:
-        return EXIT_PREEMPTED, None  # rank 0 printed where it stopped
+    if EXIT_PREEMPTED in codes and all(code == EXIT_PREEMPTED or code < 0 for code in codes):
+        return EXIT_PREEMPTED, None  # rank 0 printed where it stopped; a signalled rank was on its way out
     rank, code = min(failures.items())
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
     return 1, f"error: worker rank {rank} failed ({how}; its log is run_dir/logs/rank{rank}.log)"

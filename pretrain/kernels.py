@@ -84,6 +84,7 @@ def _decide(train, device: torch.device, recorded: dict | None) -> RunKernels:
 def decide_kernels(train, device: torch.device, run_dir: Path | None = None) -> RunKernels:
     """Collective: rank 0's choice for `train` (a TrainConfig) on every rank; a resumable `run_dir`'s record first."""
     choice = None
+    distributed.barrier()  # the probe is a timing: no rank is still busy starting up while rank 0 measures
     if not dist.is_initialized() or dist.get_rank() == 0:
         recorded = recorded_kernels(run_dir) if run_dir is not None and train.resume else None
         choice = _decide(train, device, recorded)

@@ -75,6 +75,9 @@ def test_watchdog_ends_a_stalled_process_with_its_stacks(tmp_path):
 def test_agent_exit_codes():
     assert exit_code({1: 2, 0: -15}) == (2, None)  # a user error: no restart, the worker printed its line
     assert exit_code({0: 143, 1: 143}) == (143, None)  # preempted
+    # rank 0 left first and torch's agent ended rank 1 (already past the collective save) with SIGTERM
+    assert exit_code({0: 143, 1: -15}) == (143, None)
+    assert exit_code({0: 143, 1: 1})[0] == 1  # a crash is not a preemption
     code, line = exit_code({1: -9})
     assert code == 1 and line == "error: worker rank 1 failed (signal 9; its log is run_dir/logs/rank1.log)"
 
