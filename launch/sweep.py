@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,11 +54,28 @@ def run_sweep(sweep: dict, via: str = "pretrain", jobs: int = 1) -> list[dict]:
     """Every run of the sweep, started in order (small budgets first), `jobs` of them at a time.
 
     Each run is its own process, so runs side by side change no loss (a run's result depends on its config
-    only); give each one thread (OMP_NUM_THREADS=1) and one job per core.
+    only); give each one thread (OMP_NUM_THREADS=1) and one job per core. After a run fails no queued run
+    starts (as `make -j` does): the runs already training finish, so a rerun skips them, and the first
+    failure is raised.
     """
     runs = sweep["runs"]
     labelled = [(run, f"[{i}/{len(runs)}]") for i, run in enumerate(runs, start=1)]
     if jobs <= 1:
         return [train_run(run, via, label) for run, label in labelled]
+    failed = threading.Event()
+
+    def train_unless_failed(run: dict, label: str) -> dict | None:
+        if failed.is_set():
+            return None
+        try:
+            return train_run(run, via, label)
+        except BaseException:
+            failed.set()
+            raise
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(lambda item: train_run(item[0], via, item[1]), labelled))
+        futures = [pool.submit(train_unless_failed, run, label) for run, label in labelled]
+    if failed.is_set():
+        not_started = sum(f.exception() is None and f.result() is None for f in futures)
+        say(f"a run failed: {not_started} queued run(s) not started; `ember scaling sweep` again resumes")
+    return [f.result() for f in futures]  # raises the first failed run's error, in sweep order

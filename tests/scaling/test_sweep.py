@@ -94,6 +94,20 @@ def test_sweep_killed_resumes_then_fit_and_report(tmp_path, small_dataset):
     assert list((sweep_dir / "wandb").glob("offline-run-*/run-*.wandb")), "the report was not logged to W&B"
 
 
+def test_a_failed_run_stops_the_queue(tmp_path, small_dataset):
+    sweep_dir = tmp_path / "sweep"
+    assert run_ember("scaling", "plan", str(sweep_config(tmp_path, small_dataset)), "--out", str(sweep_dir)).returncode == 0
+    runs = json.loads((sweep_dir / "sweep.json").read_text())["runs"]
+    for run in runs[:2]:  # both workers' first runs fail at once, on a field no config has
+        with open(run["config"], "a") as f:
+            f.write("no_such_field: 1\n")
+    proc = run_ember("scaling", "sweep", str(sweep_dir), "--jobs", "2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"error: sweep run {runs[0]['name']} failed with exit code 2"), proc.stderr
+    assert f"{len(runs) - 2} queued run(s) not started" in proc.stdout, proc.stdout
+    assert not any(Path(r["run_dir"]).with_suffix(".out").exists() for r in runs[2:])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budgets", "1e8,-3"], "--budgets expects positive numbers"),
     (["--budgets", "lots"], "--budgets expects numbers separated by commas"),
