@@ -303,7 +303,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = cmds.add_parser("sweep", help="train every run of a sweep; finished runs are skipped, an interrupted one resumes")
     q.add_argument("sweep", help="sweep directory written by `ember scaling plan`")
     q.add_argument("--via", choices=["pretrain", "launch"], default="pretrain", help=via_help)
-    q.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one process each; their losses do not change)")
+    q.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one process each; their losses do not "
+                   "change); after a failure no queued run starts")
     q.set_defaults(func=run_sweep_cmd)
 
     def add_target(q: argparse.ArgumentParser) -> None:
