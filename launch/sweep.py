@@ -77,5 +77,5 @@ def run_sweep(sweep: dict, via: str = "pretrain", jobs: int = 1) -> list[dict]:
         futures = [pool.submit(train_unless_failed, run, label) for run, label in labelled]
     if failed.is_set():
         not_started = sum(f.exception() is None and f.result() is None for f in futures)
-        say(f"a run failed: {not_started} queued run(s) not started; `ember scaling sweep` again resumes")
+        say(f"a run failed: {not_started} queued run(s) not started; mend it, then `ember scaling sweep` again resumes the rest")
     return [f.result() for f in futures]  # raises the first failed run's error, in sweep order
